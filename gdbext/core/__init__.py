@@ -1,0 +1,1 @@
+"""Core: paging model, walker, Xen symbol model, renderers. Never imports gdb."""
