@@ -1,0 +1,217 @@
+"""GDB backend: registers and physical memory of the stopped guest over QEMU's gdbstub.
+
+Physical reads switch the stub to physical mode with ``Qqemu.PhyMemMode:1`` for
+the duration of one command (``phys_mode()``), and always switch it back, also
+on errors and Ctrl-C: the mode is global, so GDB's own reads (``x/``,
+breakpoints) would otherwise go to physical addresses. Targets without the
+packet fall back to ``monitor xp``.
+
+A ``PageCache`` keeps what was read until the guest runs or GDB writes memory
+or registers (GDB events below), so repeated commands at one stop are cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Dict, Iterator, Optional
+
+import gdb  # noqa: F401  (this module is only imported inside GDB)
+
+from ..core.errors import GdbextError, MemoryReadError
+from ..core.memory import PageCache
+
+NOT_CONNECTED = ("GDB is not connected to a running target: start QEMU with -s -S "
+                 "(or scripts/xen-lab) and run 'target remote 127.0.0.1:PORT'")
+
+_REGISTER_ALIASES = {"efer": ("efer", "msr_efer")}
+
+_XP_LINE = re.compile(r"^([0-9a-fA-F]+):((?:\s+0x[0-9a-fA-F]+)+)\s*$")
+
+
+def _packet(text: str) -> Optional[str]:
+    """Send a raw packet; return the stub's reply, or None if the target is not remote."""
+    try:
+        out = gdb.execute(f"maintenance packet {text}", to_string=True)
+    except gdb.error:
+        return None
+    m = re.search(r'received: "(.*)"', out)
+    return m.group(1) if m else ""
+
+
+class GdbTarget:
+    """PhysMemory + Registers over the current GDB connection."""
+
+    def __init__(self) -> None:
+        self.cache = PageCache(self)
+        self._regs: Dict[str, int] = {}
+        self._phys_depth = 0
+        self._method: Optional[str] = None   # "phymem" or "xp", decided on first use
+        self.generation = 0                  # bumped every time the stop cache is dropped
+
+    # -- state ---------------------------------------------------------------------
+
+    def invalidate(self, *_args) -> None:
+        self.cache.clear()
+        self._regs.clear()
+        self.generation += 1
+
+    def forget_connection(self, *_args) -> None:
+        self.invalidate()
+        self._method = None
+
+    @staticmethod
+    def check_connected() -> None:
+        inferior = gdb.selected_inferior()
+        if inferior is None or inferior.pid == 0 or not gdb.selected_inferior().threads():
+            raise GdbextError(NOT_CONNECTED)
+        try:
+            gdb.selected_frame()
+        except gdb.error:
+            raise GdbextError(NOT_CONNECTED) from None
+        thread = gdb.selected_thread()
+        if thread is not None and thread.is_running():
+            raise GdbextError("the guest is running: interrupt it first (Ctrl-C or 'interrupt')")
+
+    # -- registers -------------------------------------------------------------------
+
+    def read_register(self, name: str) -> int:
+        name = name.lower()
+        if name in self._regs:
+            return self._regs[name]
+        self.check_connected()
+        frame = gdb.selected_frame()
+        last_err: Optional[Exception] = None
+        for candidate in _REGISTER_ALIASES.get(name, (name,)):
+            try:
+                value = int(frame.read_register(candidate)) & ((1 << 64) - 1)
+            except (ValueError, gdb.error) as err:
+                last_err = err
+                continue
+            self._regs[name] = value
+            return value
+        raise GdbextError(f"register {name} is not offered by this target ({last_err}); "
+                          "QEMU's x86-64 gdbstub has cr0, cr3, cr4 and efer")
+
+    # -- physical memory -------------------------------------------------------------
+
+    def _choose_method(self) -> str:
+        if self._method is None:
+            state = _packet("qqemu.PhyMemMode")
+            if state in ("0", "1"):
+                self._method = "phymem"
+            else:
+                try:
+                    out = gdb.execute("monitor xp /1gx 0", to_string=True)
+                except gdb.error:
+                    out = ""
+                if _XP_LINE.match(out.strip().splitlines()[0] if out.strip() else ""):
+                    self._method = "xp"
+                else:
+                    raise GdbextError(
+                        "this target cannot read physical memory: it has neither QEMU's "
+                        "Qqemu.PhyMemMode packet nor 'monitor xp' (is this QEMU's gdbstub?)")
+        return self._method
+
+    @contextlib.contextmanager
+    def phys_mode(self) -> Iterator[None]:
+        """Physical addressing for the body; nested uses switch once. Always restores."""
+        self.check_connected()
+        if self._choose_method() != "phymem" or self._phys_depth:
+            self._phys_depth += 1
+            try:
+                yield
+            finally:
+                self._phys_depth -= 1
+            return
+        previous = _packet("qqemu.PhyMemMode")
+        reply = _packet("Qqemu.PhyMemMode:1")
+        if reply != "OK":
+            raise GdbextError(f"QEMU refused physical-memory mode (reply {reply!r})")
+        self._phys_depth = 1
+        try:
+            yield
+        finally:
+            self._phys_depth = 0
+            if previous != "1":
+                # Restore even after Ctrl-C: retry once if the first attempt was interrupted.
+                for _ in range(2):
+                    try:
+                        if _packet("Qqemu.PhyMemMode:0") == "OK":
+                            break
+                    except KeyboardInterrupt:
+                        continue
+
+    def read_phys(self, pa: int, size: int) -> bytes:
+        """Backend read (uncached); callers go through ``self.cache``."""
+        if pa < 0 or pa + size > (1 << 64):
+            raise MemoryReadError(pa, size, "outside the 64-bit address space")
+        if self._choose_method() == "xp":
+            return self._read_xp(pa, size)
+        if not self._phys_depth:
+            with self.phys_mode():
+                return self._read_phymem(pa, size)
+        return self._read_phymem(pa, size)
+
+    @staticmethod
+    def _read_phymem(pa: int, size: int) -> bytes:
+        try:
+            return gdb.selected_inferior().read_memory(pa, size).tobytes()
+        except gdb.MemoryError:
+            raise MemoryReadError(pa, size, "not backed by RAM or a device "
+                                  "(QEMU refused the physical read)") from None
+
+    @staticmethod
+    def _read_xp(pa: int, size: int) -> bytes:
+        start = pa & ~7
+        count = (pa + size - start + 7) // 8
+        try:
+            out = gdb.execute(f"monitor xp /{count}gx {start:#x}", to_string=True)
+        except gdb.error as err:
+            raise MemoryReadError(pa, size, f"not readable via monitor xp ({err})") from None
+        data = bytearray()
+        for line in out.splitlines():
+            m = _XP_LINE.match(line.strip())
+            if not m:
+                if "Cannot access" in line or "error" in line.lower():
+                    raise MemoryReadError(pa, size, line.strip())
+                continue
+            for word in m.group(2).split():
+                data += int(word, 16).to_bytes(8, "little")
+        if len(data) < count * 8:
+            raise MemoryReadError(pa, size, "short answer from monitor xp")
+        return bytes(data[pa - start:pa - start + size])
+
+    def write_phys(self, pa: int, data: bytes) -> None:
+        """Write guest physical memory. Only commands the user invoked to write call this."""
+        with self.phys_mode():
+            try:
+                gdb.selected_inferior().write_memory(pa, data)
+            except gdb.MemoryError:
+                raise MemoryReadError(pa, len(data), "not writable") from None
+        self.invalidate()
+
+    def monitor(self, command: str) -> str:
+        self.check_connected()
+        return gdb.execute(f"monitor {command}", to_string=True)
+
+
+_TARGET: Optional[GdbTarget] = None
+
+
+def target() -> GdbTarget:
+    """The one backend of this GDB session, hooked to GDB's events on first use."""
+    global _TARGET
+    if _TARGET is None:
+        _TARGET = GdbTarget()
+        ev = gdb.events
+        for name in ("cont", "memory_changed", "register_changed", "inferior_call", "exited",
+                     "new_inferior", "new_thread"):
+            registry = getattr(ev, name, None)
+            if registry is not None:
+                registry.connect(_TARGET.invalidate)
+        for name in ("connection_removed",):
+            registry = getattr(ev, name, None)
+            if registry is not None:
+                registry.connect(_TARGET.forget_connection)
+    return _TARGET
