@@ -24,6 +24,8 @@ from ..core.memory import PageCache
 NOT_CONNECTED = ("GDB is not connected to a running target: start QEMU with -s -S "
                  "(or scripts/xen-lab) and run 'target remote 127.0.0.1:PORT'")
 
+RUNNING = "the guest is running: interrupt it first (Ctrl-C, or 'interrupt' in non-stop mode)"
+
 _REGISTER_ALIASES = {"efer": ("efer", "msr_efer")}
 
 _XP_LINE = re.compile(r"^([0-9a-fA-F]+):((?:\s+0x[0-9a-fA-F]+)+)\s*$")
@@ -65,13 +67,15 @@ class GdbTarget:
         inferior = gdb.selected_inferior()
         if inferior is None or inferior.pid == 0 or not gdb.selected_inferior().threads():
             raise GdbextError(NOT_CONNECTED)
-        try:
-            gdb.selected_frame()
-        except gdb.error:
-            raise GdbextError(NOT_CONNECTED) from None
         thread = gdb.selected_thread()
         if thread is not None and thread.is_running():
-            raise GdbextError("the guest is running: interrupt it first (Ctrl-C or 'interrupt')")
+            raise GdbextError(RUNNING)
+        try:
+            gdb.selected_frame()
+        except gdb.error as err:
+            if "running" in str(err):
+                raise GdbextError(RUNNING) from None
+            raise GdbextError(NOT_CONNECTED) from None
 
     # -- registers -------------------------------------------------------------------
 

@@ -60,7 +60,7 @@ def eval_int(expr: str, what: str = "address") -> int:
             value = value.address
         return int(value) & ((1 << 64) - 1)
     except gdb.error as err:
-        raise GdbextError(f"cannot evaluate {what} '{expr}': {err}") from None
+        raise GdbextError(f"cannot evaluate {what} '{expr}': {one_line(err)}") from None
 
 
 def use_color(from_tty: bool) -> bool:
@@ -112,7 +112,12 @@ class XenCommand(gdb.Command):
         except gdb.GdbError:
             raise
         except gdb.error as err:
-            raise gdb.GdbError(f"{self.parser.prog}: {err}") from None
+            raise gdb.GdbError(f"{self.parser.prog}: {one_line(err)}") from None
+
+
+def one_line(err: object) -> str:
+    """GDB's own messages can span lines; users (and CI logs) get one."""
+    return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
 
 
 class XenPrefix(gdb.Command):
