@@ -20,6 +20,7 @@ import gdb  # noqa: F401  (this module is only imported inside GDB)
 
 from ..core.errors import GdbextError, MemoryReadError
 from ..core.memory import PageCache
+from ..core.qemu import MemoryMap, parse_mtree_flat
 
 NOT_CONNECTED = ("GDB is not connected to a running target: start QEMU with -s -S "
                  "(or scripts/xen-lab) and run 'target remote 127.0.0.1:PORT'")
@@ -49,6 +50,8 @@ class GdbTarget:
         self._regs: Dict[str, int] = {}
         self._phys_depth = 0
         self._method: Optional[str] = None   # "phymem" or "xp", decided on first use
+        self._memory_map: Optional[MemoryMap] = None
+        self._memory_map_known = False
         self.generation = 0                  # bumped every time the stop cache is dropped
 
     # -- state ---------------------------------------------------------------------
@@ -61,6 +64,22 @@ class GdbTarget:
     def forget_connection(self, *_args) -> None:
         self.invalidate()
         self._method = None
+        self._memory_map = None
+        self._memory_map_known = False
+
+    def memory_map(self) -> Optional[MemoryMap]:
+        """QEMU's RAM/ROM map, read once per connection; None if the monitor can't say.
+
+        Needed because QEMU's physical-mode gdbstub reads unbacked addresses as
+        zeros instead of failing: a table pointer into nothing would look empty."""
+        if not self._memory_map_known:
+            self._memory_map_known = True
+            try:
+                regions = parse_mtree_flat(self.monitor("info mtree -f"))
+            except (gdb.error, GdbextError):
+                regions = []
+            self._memory_map = MemoryMap(regions) if regions else None
+        return self._memory_map
 
     @staticmethod
     def check_connected() -> None:
@@ -150,6 +169,10 @@ class GdbTarget:
         """Backend read (uncached); callers go through ``self.cache``."""
         if pa < 0 or pa + size > (1 << 64):
             raise MemoryReadError(pa, size, "outside the 64-bit address space")
+        mm = self.memory_map()
+        if mm is not None and not mm.contains(pa, size):
+            raise MemoryReadError(pa, size, "not RAM or ROM in QEMU's memory map "
+                                  "(monitor info mtree -f)")
         if self._choose_method() == "xp":
             return self._read_xp(pa, size)
         if not self._phys_depth:

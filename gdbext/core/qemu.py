@@ -1,0 +1,97 @@
+"""Parsers for QEMU's human-monitor output, reached through the gdbstub's ``monitor``.
+
+``info mtree -f`` tells which physical addresses are RAM or ROM: QEMU 7.2's
+physical-mode gdbstub reads unbacked addresses as zeros without an error, so
+the backend checks table addresses against this map. ``info mem`` and
+``gva2gpa`` are what tests compare our walks against.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+_MTREE_LINE = re.compile(
+    r"^\s*([0-9a-fA-F]+)-([0-9a-fA-F]+) \(prio -?\d+, ([a-z-]+)\): (\S+)")
+_INFO_MEM_LINE = re.compile(r"^([0-9a-fA-F]+)-([0-9a-fA-F]+) ([0-9a-fA-F]+) ([-u])([-r])([-w])$")
+_GVA2GPA = re.compile(r"^gpa:\s*(?:0x)?([0-9a-fA-F]+)\s*$")
+
+READABLE_KINDS = ("ram", "rom", "romd")
+
+
+@dataclass(frozen=True)
+class MemRegion:
+    start: int
+    end: int          # exclusive
+    kind: str         # ram, rom, romd, i/o, ...
+    name: str
+
+
+def parse_mtree_flat(text: str) -> List[MemRegion]:
+    """Regions of the first FlatView (the CPU's "memory" address space)."""
+    regions: List[MemRegion] = []
+    seen_view = False
+    for line in text.splitlines():
+        if line.startswith("FlatView"):
+            if seen_view:
+                break
+            seen_view = True
+            continue
+        m = _MTREE_LINE.match(line)
+        if m:
+            regions.append(MemRegion(int(m.group(1), 16), int(m.group(2), 16) + 1,
+                                     m.group(3), m.group(4)))
+    return regions
+
+
+class MemoryMap:
+    """Which physical addresses can hold page tables (RAM and ROM)."""
+
+    def __init__(self, regions: Sequence[MemRegion]):
+        readable = sorted((r.start, r.end) for r in regions if r.kind in READABLE_KINDS)
+        merged: List[Tuple[int, int]] = []
+        for start, end in readable:
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((start, end))
+        self.ranges = merged
+        self._starts = [s for s, _ in merged]
+
+    def contains(self, pa: int, size: int = 1) -> bool:
+        i = bisect.bisect_right(self._starts, pa) - 1
+        return i >= 0 and pa + size <= self.ranges[i][1]
+
+    @property
+    def ram_top(self) -> int:
+        return self.ranges[-1][1] if self.ranges else 0
+
+
+@dataclass(frozen=True)
+class InfoMemRange:
+    va: int
+    end: int
+    user: bool
+    writable: bool
+
+
+def parse_info_mem(text: str) -> List[InfoMemRange]:
+    """``info mem``: coalesced ranges with user/write ANDed across levels, no NX."""
+    out = []
+    for line in text.splitlines():
+        m = _INFO_MEM_LINE.match(line.strip())
+        if m:
+            out.append(InfoMemRange(int(m.group(1), 16), int(m.group(2), 16),
+                                    m.group(4) == "u", m.group(6) == "w"))
+    return out
+
+
+def parse_gva2gpa(text: str) -> Optional[int]:
+    """``gva2gpa VA``: the PA, or None for 'Unmapped'."""
+    for line in text.splitlines():
+        m = _GVA2GPA.match(line.strip())
+        if m:
+            return int(m.group(1), 16)
+    return None
