@@ -1,0 +1,31 @@
+"""Framing for programs that drive GDB over a pipe (tests, scripts/demo, CI runners).
+
+``run(cmd)`` executes one GDB command and prints a single line
+``@@gdbext@@ {"cmd": ..., "out": ..., "error": ...}`` so the driver never has
+to guess where one command's output ends or whether it failed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import gdb
+
+MARKER = "@@gdbext@@ "
+
+
+def _one_line(err: object) -> str:
+    return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+
+
+def run(cmd: str) -> None:
+    out = ""
+    error = None
+    try:
+        out = gdb.execute(cmd, to_string=True)
+    except KeyboardInterrupt:
+        error = "interrupted"
+    except gdb.error as err:
+        error = _one_line(err) or "error"
+    gdb.write(MARKER + json.dumps({"cmd": cmd, "out": out, "error": error}) + "\n")
+    gdb.flush()
