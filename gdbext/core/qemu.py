@@ -69,6 +69,15 @@ class MemoryMap:
         return self.ranges[-1][1] if self.ranges else 0
 
 
+def main_ram(regions: Sequence[MemRegion]) -> List[Tuple[int, int]]:
+    """The guest's main RAM (QEMU's 'pc.ram' on pc/q35), without VRAM, ROM or flash.
+
+    Boot loaders place kernels here; the other readable regions are devices."""
+    ram = [r for r in regions if r.kind == "ram"]
+    main = [r for r in ram if r.name == "pc.ram"] or ram
+    return sorted((r.start, r.end) for r in main)
+
+
 @dataclass(frozen=True)
 class InfoMemRange:
     va: int

@@ -15,9 +15,10 @@ def install() -> bool:
     if _INSTALLED:
         return False
     from .command import XenPrefix
-    from . import paging_cmds
+    from . import paging_cmds, xen_cmds
 
     XenPrefix()
     paging_cmds.install()
+    xen_cmds.install()
     _INSTALLED = True
     return True

@@ -20,7 +20,7 @@ import gdb  # noqa: F401  (this module is only imported inside GDB)
 
 from ..core.errors import GdbextError, MemoryReadError
 from ..core.memory import PageCache
-from ..core.qemu import MemoryMap, parse_mtree_flat
+from ..core.qemu import MemoryMap, main_ram, parse_mtree_flat
 
 NOT_CONNECTED = ("GDB is not connected to a running target: start QEMU with -s -S "
                  "(or scripts/xen-lab) and run 'target remote 127.0.0.1:PORT'")
@@ -51,6 +51,7 @@ class GdbTarget:
         self._phys_depth = 0
         self._method: Optional[str] = None   # "phymem" or "xp", decided on first use
         self._memory_map: Optional[MemoryMap] = None
+        self._main_ram: list = []
         self._memory_map_known = False
         self.generation = 0                  # bumped every time the stop cache is dropped
 
@@ -79,7 +80,13 @@ class GdbTarget:
             except (gdb.error, GdbextError):
                 regions = []
             self._memory_map = MemoryMap(regions) if regions else None
+            self._main_ram = main_ram(regions)
         return self._memory_map
+
+    def main_ram(self) -> list:
+        """[(start, end)] of the guest's main RAM, [] if QEMU's monitor can't tell."""
+        self.memory_map()
+        return self._main_ram
 
     @staticmethod
     def check_connected() -> None:
