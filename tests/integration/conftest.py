@@ -1,0 +1,89 @@
+"""Integration fixtures: real OVMF + GRUB + Debian Xen 4.17 under QEMU, driven by real GDB.
+
+Each boot is session-scoped and shared by every test that needs that stop; every
+QEMU and GDB process is stopped by its pid at teardown, pass or fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from dataclasses import dataclass
+
+import pytest
+
+from gdbext import paths
+from gdbext.gdbdriver import GdbSession
+from gdbext.lab import Lab, LabConfig
+
+BOOT_TIMEOUT_S = 240
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/integration/" in str(item.fspath).replace(os.sep, "/"):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def xen_syms_path():
+    if not paths.XEN_DEBIAN_SYMS.is_file():
+        pytest.fail(f"{paths.XEN_DEBIAN_SYMS} is missing: run scripts/setup")
+    return paths.XEN_DEBIAN_SYMS
+
+
+@dataclass
+class Stop:
+    """A real boot stopped at a Xen symbol, with GDB attached and gdbext loaded."""
+    lab: Lab
+    gdb: GdbSession
+    symbol: str
+    run: dict      # xen-run-to's JSON
+
+    def cmd(self, command: str, timeout: float = 120.0):
+        return self.gdb.execute(command, timeout=timeout)
+
+    def json(self, command: str, timeout: float = 120.0):
+        return self.gdb.execute(command, timeout=timeout).json()
+
+    def monitor(self, command: str) -> str:
+        return self.gdb.execute(f"monitor {command}").out
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def booted_to(symbol: str, xen_syms, memory_mb: int = 1024):
+    lab = Lab(LabConfig(memory_mb=memory_mb))
+    gdb = None
+    try:
+        lab.start()
+        gdb = GdbSession(log=lab.workdir / "gdb.log")
+        gdb.execute(f"target remote {lab.gdb_target}")
+        gdb.execute(f"xen-syms {xen_syms}")
+        run = gdb.execute(f"xen-run-to {symbol} --json --timeout {BOOT_TIMEOUT_S}",
+                          timeout=BOOT_TIMEOUT_S + 30).json()
+        yield Stop(lab, gdb, symbol, run)
+    finally:
+        if gdb is not None:
+            gdb.close()
+            _kill(gdb.pid)
+        lab.stop()
+
+
+@pytest.fixture(scope="session")
+def at_entry(xen_syms_path):
+    """Stopped at __efi64_mb2_start: firmware (OVMF) page tables, Xen at its load address."""
+    with booted_to("__efi64_mb2_start", xen_syms_path) as stop:
+        yield stop
+
+
+@pytest.fixture(scope="session")
+def at_start_xen(xen_syms_path):
+    """Stopped at __start_xen: Xen's own page tables, at its linked address."""
+    with booted_to("__start_xen", xen_syms_path) as stop:
+        yield stop

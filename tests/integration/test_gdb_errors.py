@@ -1,0 +1,31 @@
+"""The extension in a GDB with no target, and with a wrong xen-syms: one clear line each."""
+
+from __future__ import annotations
+
+from gdbext.gdbdriver import GDBINIT, GdbSession
+
+
+def test_commands_without_a_target_say_so(tmp_path):
+    with GdbSession() as gdb:
+        help_text = gdb.execute("help xen").out
+        for name in ("xen-pt", "xen-va2pa", "xen-pa2va", "xen-regs", "xen-syms", "xen-run-to"):
+            assert name in help_text
+        for command in ("xen-pt", "xen-va2pa 0x1000", "xen-regs", "xen-pa2va 0"):
+            reply = gdb.execute(command, check=False)
+            assert reply.error and "not connected" in reply.error, (command, reply.error)
+            assert "\n" not in reply.error
+        missing = tmp_path / "no-such-xen-syms"
+        reply = gdb.execute(f"xen-syms {missing}", check=False)
+        assert reply.error and str(missing) in reply.error
+        not_elf = tmp_path / "notes.txt"
+        not_elf.write_text("hello\n")
+        reply = gdb.execute(f"xen-syms {not_elf}", check=False)
+        assert reply.error and str(not_elf) in reply.error
+        reply = gdb.execute("xen-run-to __efi64_mb2_start", check=False)
+        assert reply.error and "xen-syms" in reply.error
+
+
+def test_loading_twice_is_harmless():
+    with GdbSession() as gdb:
+        gdb.execute(f"source {GDBINIT}")
+        assert "xen pt, xen-pt" in gdb.execute("help xen").out

@@ -1,0 +1,144 @@
+"""Issue 2 and 3 on a real boot: registers, xen-pt and xen-va2pa against QEMU's own monitor.
+
+Expected values come from QEMU (info registers, info mem, gva2gpa), from Xen's
+console and from xen-syms, never from constants in this file.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from gdbext.core.qemu import parse_gva2gpa, parse_info_mem
+from gdbext.core.xensyms import load_xen_syms
+
+INGDB = Path(__file__).with_name("ingdb.py")
+STOPS = ["at_entry", "at_start_xen"]
+
+
+def qemu_registers(stop) -> dict:
+    text = stop.monitor("info registers")
+    regs = {}
+    for name in ("CR0", "CR3", "CR4", "EFER"):
+        m = re.search(rf"\b{name}=([0-9a-fA-F]+)", text)
+        assert m, f"{name} missing from QEMU's info registers:\n{text}"
+        regs[name.lower()] = int(m.group(1), 16)
+    m = re.search(r"\bRIP=([0-9a-fA-F]+)", text)
+    regs["rip"] = int(m.group(1), 16)
+    return regs
+
+
+def coalesce_like_info_mem(ranges):
+    """Our ranges keyed only by what 'info mem' shows: contiguous VA, same user/write."""
+    out = []
+    for r in ranges:
+        key = (r["user"], r["writable"])
+        if out and out[-1][1] == r["va"] and out[-1][2] == key:
+            out[-1][1] = r["end"]
+        else:
+            out.append([r["va"], r["end"], key])
+    return [(va, end, u, w) for va, end, (u, w) in out]
+
+
+@pytest.mark.parametrize("stop_name", STOPS)
+def test_control_registers_match_qemu(request, stop_name):
+    stop = request.getfixturevalue(stop_name)
+    ours = stop.json("xen-regs --json")
+    qemu = qemu_registers(stop)
+    for name in ("cr0", "cr3", "cr4", "efer", "rip"):
+        assert ours[name] == qemu[name], name
+    assert ours["mode"] == "4-level"
+    assert ours["root"] == qemu["cr3"] & ~0xFFF
+
+
+def test_entry_is_at_load_address(at_entry, xen_syms_path):
+    syms = load_xen_syms(xen_syms_path)
+    run = at_entry.run
+    assert run["at"] == "load address"
+    base = run["load_base"]
+    assert base % (2 << 20) == 0
+    assert run["rip"] == base + syms.offset("__efi64_mb2_start")
+    # The multiboot2 boot loader's magic is in EAX at the EFI entry (multiboot2 spec).
+    eax = int(at_entry.cmd("p/x $eax").out.split("=")[1], 16)
+    assert eax == 0x36D76289
+    # The bytes at RIP are Xen's, straight from the ELF.
+    out = at_entry.cmd("x/16xb $pc").out
+    seen = bytes(int(b, 16) for line in out.splitlines() for b in line.split(":")[1].split())
+    assert seen == syms.read_linked(syms.linked_va("__efi64_mb2_start"), 16)
+
+
+@pytest.mark.parametrize("stop_name", STOPS)
+def test_xen_pt_equals_info_mem(request, stop_name):
+    stop = request.getfixturevalue(stop_name)
+    ours = stop.json("xen-pt --json")
+    qemu = [(r.va, r.end, r.user, r.writable) for r in parse_info_mem(stop.monitor("info mem"))]
+    assert qemu, "QEMU's info mem printed no ranges"
+    assert coalesce_like_info_mem(ours["ranges"]) == qemu
+    assert ours["root"] == qemu_registers(stop)["cr3"] & ~0xFFF
+
+
+def _probe_addresses(ranges, count, rng):
+    """Edges of every range and of the holes around it, plus random picks inside."""
+    vas = set()
+    for r in ranges:
+        va, end = r["va"], r["end"]
+        for a in (va, va + 1, end - 1, end - 0x1000, va - 1, end, (va + end) // 2):
+            if 0 <= a < 1 << 64:
+                vas.add(a)
+    spans = [(r["va"], r["end"]) for r in ranges]
+    while len(vas) < count:
+        va, end = rng.choice(spans)
+        vas.add(rng.randrange(va, end))
+        # and some unmapped neighbours, canonical lower half
+        vas.add(rng.randrange(0, 1 << 47) & ~0xFFF)
+    return sorted(vas)
+
+
+@pytest.mark.parametrize("stop_name", STOPS)
+def test_va2pa_equals_gva2gpa(request, stop_name):
+    stop = request.getfixturevalue(stop_name)
+    ranges = stop.json("xen-pt --json")["ranges"]
+    rng = random.Random(1234)
+    vas = [va for va in _probe_addresses(ranges, 1000, rng)
+           if va < (1 << 47) or va >= (1 << 64) - (1 << 47)]  # canonical only
+    assert len(vas) >= 1000
+    stop.cmd(f"python import sys; sys.path.insert(0, {str(INGDB.parent)!r}); import ingdb")
+    rows = json.loads(stop.cmd(f"python print(ingdb.compare_va2pa({vas!r}))",
+                               timeout=600).out)
+    mapped = 0
+    for row in rows:
+        expected = parse_gva2gpa(row["qemu"])
+        assert row["ours"] == expected, (hex(row["va"]), row)
+        if expected is not None:
+            mapped += 1
+        else:
+            assert row["fault"], hex(row["va"])
+    assert 0 < mapped < len(rows)
+
+
+def test_bad_input_gives_one_line_and_restores_phys_mode(at_entry):
+    ram_end = max(int(m.group(2), 16) + 1 for m in re.finditer(
+        r"([0-9a-f]+)-([0-9a-f]+) \(prio \d+, ram\): pc\.ram", at_entry.monitor("info mtree -f")))
+    cases = {
+        f"xen-pt --root {ram_end + 0x100000:#x}": "not RAM",
+        "xen-pt --root 0x1001": "not 4096-byte aligned",
+        "xen-va2pa 0x0000800000000000": "non-canonical",
+        "xen-pt --range 0x2000 0x1000": "end must be above the start",
+        "xen-va2pa": "required",
+        "xen-va2pa nosuchsymbol_xyz": "cannot evaluate",
+        "xen-pt --bogus": "unrecognized arguments",
+        "xen-pt --root (1<<52)": "physical address",
+    }
+    for command, fragment in cases.items():
+        reply = at_entry.gdb.execute(command, check=False)
+        assert reply.error, command
+        assert fragment in reply.error, (command, reply.error)
+        assert "\n" not in reply.error and "Traceback" not in reply.error + reply.out
+        state = at_entry.cmd("maintenance packet qqemu.PhyMemMode").out
+        assert 'received: "0"' in state, (command, state)
+    # GDB still works, with virtual addresses.
+    assert "cld" in at_entry.cmd("x/i $pc").out
