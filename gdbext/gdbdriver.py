@@ -61,7 +61,7 @@ class GdbSession:
     """One GDB process with gdbext loaded. Stopped by pid in ``close()``, always."""
 
     def __init__(self, extra_args: Optional[List[str]] = None, log: Optional[Path] = None):
-        args = [gdb_binary(), "-nx", "-q",
+        args = [gdb_binary(), "-nx", "-q", "-iex", "set prompt",
                 "-iex", "set pagination off", "-iex", "set confirm off",
                 "-iex", "set width 0", "-iex", "set height 0",
                 "-ex", f"source {GDBINIT}"] + list(extra_args or [])
@@ -109,8 +109,9 @@ class GdbSession:
             if self._log:
                 self._log.write(got)
                 self._log.flush()
-            if got.startswith(MARKER):
-                data = json.loads(got[len(MARKER):])
+            at = got.find(MARKER)
+            if at >= 0:
+                data = json.loads(got[at + len(MARKER):])
                 reply = Reply(data["cmd"], data["out"], data["error"])
                 if check and reply.error:
                     raise GdbCommandError(cmd, reply.error, reply.out)

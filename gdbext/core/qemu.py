@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 
 _MTREE_LINE = re.compile(
     r"^\s*([0-9a-fA-F]+)-([0-9a-fA-F]+) \(prio -?\d+, ([a-z-]+)\): (\S+)")
+_AS_LINE = re.compile(r'^\s*AS "([^"]+)"')
 _INFO_MEM_LINE = re.compile(r"^([0-9a-fA-F]+)-([0-9a-fA-F]+) ([0-9a-fA-F]+) ([-u])([-r])([-w])$")
 _GVA2GPA = re.compile(r"^gpa:\s*(?:0x)?([0-9a-fA-F]+)\s*$")
 
@@ -29,21 +30,29 @@ class MemRegion:
     name: str
 
 
-def parse_mtree_flat(text: str) -> List[MemRegion]:
-    """Regions of the first FlatView (the CPU's "memory" address space)."""
-    regions: List[MemRegion] = []
-    seen_view = False
+def parse_mtree_flat(text: str, address_space: str = "memory") -> List[MemRegion]:
+    """Regions of the FlatView that serves ``address_space`` (the CPU's physical
+    memory is AS "memory"). QEMU numbers its FlatViews in no stable order, so the
+    view is found by the address spaces listed under its header."""
+    views: List[Tuple[List[str], List[MemRegion]]] = []
     for line in text.splitlines():
         if line.startswith("FlatView"):
-            if seen_view:
-                break
-            seen_view = True
+            views.append(([], []))
+            continue
+        if not views:
+            continue
+        m = _AS_LINE.match(line)
+        if m:
+            views[-1][0].append(m.group(1))
             continue
         m = _MTREE_LINE.match(line)
         if m:
-            regions.append(MemRegion(int(m.group(1), 16), int(m.group(2), 16) + 1,
-                                     m.group(3), m.group(4)))
-    return regions
+            views[-1][1].append(MemRegion(int(m.group(1), 16), int(m.group(2), 16) + 1,
+                                          m.group(3), m.group(4)))
+    for names, regions in views:
+        if address_space in names:
+            return regions
+    return []
 
 
 class MemoryMap:

@@ -27,5 +27,6 @@ def run(cmd: str) -> None:
         error = "interrupted"
     except gdb.error as err:
         error = _one_line(err) or "error"
-    gdb.write(MARKER + json.dumps({"cmd": cmd, "out": out, "error": error}) + "\n")
+    # GDB may have printed its prompt on this line already: start a fresh one.
+    gdb.write("\n" + MARKER + json.dumps({"cmd": cmd, "out": out, "error": error}) + "\n")
     gdb.flush()
