@@ -71,11 +71,14 @@ DEFAULT_CPU = "qemu64"
 DEFAULT_SMP = 1
 DEFAULT_XEN_CMDLINE = "console=com1 com1=115200 loglvl=all noreboot"
 QEMU_MACHINE = "q35"
-# The flags of the boot known to work: no display, no reboot loop (-no-reboot makes a
-# guest reset end QEMU), no NIC (no iPXE ROM, no network boot attempt), no monitor
-# (``monitor CMD`` through the gdbstub still reaches it), halted at the first
-# instruction until a debugger continues it.
-QEMU_FIXED_FLAGS = ("-nographic", "-no-reboot", "-net", "none", "-monitor", "none", "-S")
+# The flags of the boot known to work: no display, no NIC (no iPXE ROM, no network
+# boot attempt), no monitor (``monitor CMD`` through the gdbstub still reaches it),
+# halted at the first instruction until a debugger continues it. Not -no-reboot:
+# it turns ``monitor system_reset`` into QEMU exiting, and xen-run-to resets the
+# machine when it must boot again to stop at a load address it missed. Xen's own
+# "noreboot" (in DEFAULT_XEN_CMDLINE) keeps a panicking Xen from rebooting; pass
+# --qemu-arg=-no-reboot to the lab to make a triple fault end QEMU instead.
+QEMU_FIXED_FLAGS = ("-nographic", "-net", "none", "-monitor", "none", "-S")
 
 # GRUB: one standalone EFI image with grub.cfg inside.
 GRUB_FORMAT = "x86_64-efi"

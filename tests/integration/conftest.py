@@ -82,6 +82,13 @@ def at_entry(xen_syms_path):
         yield stop
 
 
+@pytest.fixture
+def at_entry_consumable(xen_syms_path):
+    """A boot of its own at __efi64_mb2_start, for a test that lets the guest run on."""
+    with booted_to("__efi64_mb2_start", xen_syms_path) as stop:
+        yield stop
+
+
 @pytest.fixture(scope="session")
 def at_start_xen(xen_syms_path):
     """Stopped at __start_xen: Xen's own page tables, at its linked address."""

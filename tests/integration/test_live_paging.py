@@ -131,7 +131,7 @@ def test_bad_input_gives_one_line_and_restores_phys_mode(at_entry):
         "xen-va2pa": "required",
         "xen-va2pa nosuchsymbol_xyz": "cannot evaluate",
         "xen-pt --bogus": "unrecognized arguments",
-        "xen-pt --root (1<<52)": "physical address",
+        "xen-pt --root 0x10000000000000": "physical address",
     }
     for command, fragment in cases.items():
         reply = at_entry.gdb.execute(command, check=False)
