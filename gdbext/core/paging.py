@@ -537,9 +537,16 @@ class _Enumerator:
         if hi < base + (shape.entries << shift):
             last = ((hi - base) + (1 << shift) - 1) >> shift
         present = 0
+        # In long mode the top table's upper half is the upper canonical half: a
+        # range must never run from entry 255 into 256 (non-canonical in between).
+        hole = (shape.entries // 2 if self.mode.long_mode and level == self.mode.top_level
+                else -1)
         self.path.append(table_pa)
         try:
             for idx in range(first, last):
+                if idx == hole and r_va >= 0:
+                    out.append((r_va, r_end, r_pa, r_size, r_attrs))
+                    r_va = r_end = r_pa = r_size = r_attrs = -1
                 raw = ents[idx]
                 if not raw & PTE_P:
                     continue
@@ -771,7 +778,8 @@ def tree_rows(ctx: PagingContext, mem: PhysMemory, root: int, lo: Optional[int] 
                     continue
             info = dec.decode(level, raw)
             if info.leaf and not info.reserved:
-                flags = raw & ~(_STATUS_BITS_LONG | dec.table_addr_mask)
+                leaf_addr_mask = dec.levels[level][3]
+                flags = raw & ~(_STATUS_BITS_LONG | leaf_addr_mask)
                 if (run is not None and run[1] == idx - 1 and run[6] == flags
                         and info.addr == run[3] + (idx - run[0]) * info.page_size):
                     run[1] = idx
@@ -786,7 +794,7 @@ def tree_rows(ctx: PagingContext, mem: PhysMemory, root: int, lo: Optional[int] 
             if info.reserved:
                 lines.append(text + f"  RESERVED BITS {info.reserved:#x}: the CPU faults here")
                 continue
-            if info.addr in path:
+            if info.addr == table_pa or info.addr in path:
                 lines.append(text + f" -> {info.addr:#x}  cycle: points back to a table on "
                                     "this path (not expanded)")
                 continue

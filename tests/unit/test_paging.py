@@ -979,9 +979,6 @@ def test_tree_rows_smoke():
     assert not any("va 0x40000000" in r for r in rows)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: tree_rows does not treat an entry pointing at "
-                   "its own table (Xen's L4[258] -> L4) as a cycle; it expands the L4 again "
-                   "as an L3 table and only names the cycle one level down")
 def test_tree_rows_root_self_reference_is_a_cycle():
     b = xen_like()
     rows = tree_rows(b.ctx(), b.mem, b.root)
@@ -1036,12 +1033,9 @@ def test_unreadable_table_shared_by_two_entries_noted_twice_read_never():
 
 
 # =============================================================================
-# Bugs found (xfail strict until paging.py is fixed)
+# Bugs found by these tests and fixed in paging.py (kept as regression tests)
 # =============================================================================
 
-@pytest.mark.xfail(strict=True, reason="bug: tree_rows folds neighbouring 2M/4M/1G leaves "
-                   "that differ only in the PAT bit (bit 12) into one run: its flag comparison "
-                   "masks bit 12 with the table-address mask; the run shows the first's attrs")
 @pytest.mark.parametrize("mode,size", [("4-level", SIZE_2M), ("4-level", SIZE_1G),
                                        ("pae", SIZE_2M), ("32-bit", SIZE_4M)])
 def test_tree_rows_does_not_fold_leaves_differing_in_pat(mode, size):
@@ -1054,9 +1048,6 @@ def test_tree_rows_does_not_fold_leaves_differing_in_pat(mode, size):
     assert any(r.rstrip().endswith("PAT") for r in rows)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: enumerate_ranges() without lo/hi coalesces a "
-                   "range ending at the top of the lower canonical half with one starting at "
-                   "the bottom of the upper half, producing a range through non-canonical VAs")
 def test_default_enumeration_splits_at_canonical_hole():
     b = PTBuilder("4-level")
     b.map(0x7FFF_C000_0000, 0x0, SIZE_1G, PRWU)                 # L4[255] L3[511]
