@@ -43,6 +43,12 @@ class CommandParser(argparse.ArgumentParser):
         gdb.write(self.format_help())
 
 
+def add_json_option(p: argparse.ArgumentParser) -> None:
+    """--json: one line of JSON on GDB's stdout, integers as numbers (for CI and scripts)."""
+    p.add_argument("--json", action="store_true",
+                   help="print one line of JSON instead of text")
+
+
 def parse_int(text: str) -> int:
     """An integer in C syntax (0x.., decimal); for options that must not touch GDB."""
     try:

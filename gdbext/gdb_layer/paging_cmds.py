@@ -12,7 +12,7 @@ from ..core import paging, render, x86
 from ..core.errors import GdbextError
 from ..core.paging import ATTR_NX, ATTR_U, ATTR_W, MODES, PagingContext
 from .backend import target
-from .command import CommandParser, XenCommand, eval_int, parse_int, use_color
+from .command import CommandParser, XenCommand, add_json_option, eval_int, parse_int, use_color
 
 CONTROL_REGISTERS = ("cr0", "cr3", "cr4", "efer")
 
@@ -107,7 +107,7 @@ class RegsCommand(XenCommand):
 
     def make_parser(self) -> CommandParser:
         p = CommandParser(description=self.summary)
-        p.add_argument("--json", action="store_true", help="one line of JSON")
+        add_json_option(p)
         return p
 
     def run(self, args, from_tty):
@@ -186,7 +186,7 @@ class PtCommand(XenCommand):
         p.add_argument("--no-follow-cycles", action="store_true",
                        help="do not descend through entries that point back to a table above "
                             "(e.g. Xen's linear page-table slot 258)")
-        p.add_argument("--json", action="store_true", help="one line of JSON")
+        add_json_option(p)
         return p
 
     def run(self, args, from_tty):
@@ -236,7 +236,7 @@ class Va2paCommand(XenCommand):
         p.add_argument("address", nargs="+", metavar="ADDR",
                        help="a GDB expression for the virtual address")
         add_root_options(p)
-        p.add_argument("--json", action="store_true", help="one line of JSON")
+        add_json_option(p)
         return p
 
     def run(self, args, from_tty):
@@ -261,7 +261,7 @@ class Pa2vaCommand(XenCommand):
                           epilog="Example: xen-pa2va 0x3d800000")
         p.add_argument("address", nargs="+", metavar="PA", help="a GDB expression")
         add_root_options(p)
-        p.add_argument("--json", action="store_true", help="one line of JSON")
+        add_json_option(p)
         return p
 
     def run(self, args, from_tty):

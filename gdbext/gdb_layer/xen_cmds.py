@@ -34,7 +34,7 @@ from ..core import render
 from ..core.errors import GdbextError
 from ..core.xensyms import load_xen_syms
 from .backend import target
-from .command import CommandParser, XenCommand, eval_int, parse_int
+from .command import CommandParser, XenCommand, add_json_option, eval_int, parse_int
 
 # Bytes compared at a candidate stop: enough to make a chance match impossible.
 VERIFY_BYTES = 32
@@ -75,7 +75,7 @@ class SymsCommand(XenCommand):
                           epilog="Example: xen-syms .cache/xen-4.17/usr/lib/debug/boot/"
                                  "xen-syms-4.17-amd64")
         p.add_argument("path", nargs="?", metavar="PATH")
-        p.add_argument("--json", action="store_true", help="one line of JSON")
+        add_json_option(p)
         return p
 
     def run(self, args, from_tty):
@@ -258,8 +258,11 @@ class RunToCommand(XenCommand):
     def make_parser(self) -> CommandParser:
         p = CommandParser(
             description=self.summary + " Works before GRUB has loaded Xen (QEMU TCG keeps "
-            "breakpoints per address): plants one breakpoint per load base that the image's "
-            "multiboot2 header allows, and checks the bytes at the stop against the ELF.",
+            "breakpoints per address): plants breakpoints at the likeliest load bases "
+            "(top-down, as the image's multiboot2 RELOCATABLE tag prefers), at the linked "
+            "address, and at __high_start; a stop counts only if the bytes at RIP are the "
+            "ELF's. If the guess misses, B is read from xen_phys_start and the machine is "
+            "reset once to stop there on the next boot (--no-reset to refuse).",
             epilog="Example: xen-run-to __efi64_mb2_start")
         p.add_argument("symbol", metavar="SYMBOL")
         p.add_argument("--timeout", type=float, default=120.0, metavar="S",
@@ -269,7 +272,7 @@ class RunToCommand(XenCommand):
         p.add_argument("--no-reset", action="store_true",
                        help="if the load base is missed, stop with an error instead of "
                             "resetting the machine and booting again")
-        p.add_argument("--json", action="store_true", help="one line of JSON")
+        add_json_option(p)
         return p
 
     def run(self, args, from_tty):
