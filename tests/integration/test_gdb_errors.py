@@ -29,3 +29,19 @@ def test_loading_twice_is_harmless():
     with GdbSession() as gdb:
         gdb.execute(f"source {GDBINIT}")
         assert "xen pt, xen-pt" in gdb.execute("help xen").out
+
+
+def test_missing_dependency_is_one_clear_line(tmp_path):
+    # A venv without our dependencies: GDB's own Python has no tabulate.
+    import subprocess
+
+    from gdbext.gdbdriver import gdb_binary
+
+    env = dict(__import__("os").environ, GDBEXT_VENV=str(tmp_path / "empty-venv"))
+    out = subprocess.run([gdb_binary(), "-nx", "-batch", "-ex", f"source {GDBINIT}",
+                          "-ex", "help xen"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    text = out.stdout + out.stderr
+    assert "gdbext: missing Python package" in text and "tabulate" in text
+    assert "scripts/setup" in text
+    assert "Traceback" not in text
