@@ -188,6 +188,9 @@ def _grub_word(word: str) -> str:
     return "'" + word.replace("'", "'\\''") + "'"
 
 
+DOM0_PLACEHOLDER_ARG = "gdbext-placeholder-dom0"
+
+
 def grub_cfg(xen_cmdline: str = DEFAULT_XEN_CMDLINE, image_name: str = ESP_XEN_NAME) -> str:
     """The grub.cfg embedded in BOOTX64.EFI: find the ESP by the image, boot it via multiboot2."""
     if "\n" in xen_cmdline or "\r" in xen_cmdline:
@@ -202,6 +205,11 @@ def grub_cfg(xen_cmdline: str = DEFAULT_XEN_CMDLINE, image_name: str = ESP_XEN_N
         f"search --no-floppy --file --set=root {image}\n"
         f"echo 'gdbext lab: multiboot2 {image}'\n"
         f"multiboot2 {image}{(' ' + args) if args else ''}\n"
+        # A placeholder dom0 "kernel" (the Xen image itself): without any module Xen
+        # panics ("dom0 kernel not specified") before paging_init, so its linear
+        # page-table slot and the rest of its own tables would never be seen. With it,
+        # Xen runs on to construct_dom0, which then rejects the placeholder.
+        f"module2 {image} {DOM0_PLACEHOLDER_ARG}\n"
         "boot\n"
     )
 

@@ -90,6 +90,13 @@ def at_entry_consumable(xen_syms_path):
 
 
 @pytest.fixture(scope="session")
+def at_construct_dom0(xen_syms_path):
+    """Stopped at construct_dom0: Xen's tables complete, linear slot (a self-reference) included."""
+    with booted_to("construct_dom0", xen_syms_path) as stop:
+        yield stop
+
+
+@pytest.fixture(scope="session")
 def at_start_xen(xen_syms_path):
     """Stopped at __start_xen: Xen's own page tables, at its linked address."""
     with booted_to("__start_xen", xen_syms_path) as stop:

@@ -17,7 +17,7 @@ from gdbext.core.qemu import parse_gva2gpa, parse_info_mem
 from gdbext.core.xensyms import load_xen_syms
 
 INGDB = Path(__file__).with_name("ingdb.py")
-STOPS = ["at_entry", "at_start_xen"]
+STOPS = ["at_entry", "at_start_xen", "at_construct_dom0"]
 
 
 def qemu_registers(stop) -> dict:
@@ -96,6 +96,23 @@ def _probe_addresses(ranges, count, rng):
         # and some unmapped neighbours, canonical lower half
         vas.add(rng.randrange(0, 1 << 47) & ~0xFFF)
     return sorted(vas)
+
+
+def test_linear_slot_is_a_reported_cycle(at_construct_dom0, xen_syms_path):
+    """Xen's linear slot points the L4 at itself: the walk terminates, reports it,
+    and (checked above) still matches QEMU's info mem, which follows it too."""
+    pt = at_construct_dom0.json("xen-pt --json")
+    root = pt["root"]
+    cycles = [n for n in pt["notes"] if n["kind"] == "cycle"]
+    top = [n for n in cycles if n["level"] == 4]
+    assert len(top) == 1 and top[0]["target"] == root and top[0]["entry_pa"] - root == (
+        ((top[0]["va"] >> 39) & 511) * 8)
+    syms = load_xen_syms(xen_syms_path)
+    load_base = at_construct_dom0.run["load_base"]
+    assert root == load_base + syms.offset("idle_pg_table")
+    walk = at_construct_dom0.json(f"xen-va2pa {top[0]['va']:#x} --json")
+    # Through the linear slot the L4 is read again as the L3 of that slot.
+    assert [lv["table"] for lv in walk["levels"][:2]] == [root, root]
 
 
 @pytest.mark.parametrize("stop_name", STOPS)
