@@ -7,7 +7,7 @@ them so that one walk (or one stop of the guest) reads each 4 KiB page once.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Mapping, Optional, Protocol
+from typing import Dict, Mapping, Optional, Protocol
 
 from .errors import MemoryReadError
 from .x86 import PAGE_SIZE, align_down
@@ -68,6 +68,8 @@ class PageCache:
 
     def read_phys(self, pa: int, size: int) -> bytes:
         """Arbitrary reads, served from cached pages (so repeated small reads are free)."""
+        if size == PAGE_SIZE and pa & (PAGE_SIZE - 1) == 0:
+            return self.page(pa)  # a whole table: no copy
         out = bytearray()
         while size > 0:
             base = align_down(pa, PAGE_SIZE)
@@ -143,21 +145,3 @@ class SyntheticMemory:
             pa += chunk
             size -= chunk
         return bytes(out)
-
-
-class FixedRegisters:
-    """Registers from a mapping, for tests and for a saved snapshot of a stop."""
-
-    def __init__(self, values: Mapping[str, int]):
-        self.values = dict(values)
-
-    def read_register(self, name: str) -> int:
-        return self.values[name]
-
-
-def read_u64s(mem: PhysMemory, pa: int, count: int) -> Iterable[int]:
-    data = mem.read_phys(pa, count * 8)
-    return [int.from_bytes(data[i:i + 8], "little") for i in range(0, len(data), 8)]
-
-
-ReadFn = Callable[[int, int], bytes]

@@ -225,6 +225,8 @@ class Decoder:
                 ptr_rsvd |= PTE_PS  # PS must be 0 in PML4Es and PML5Es
             if mode is MODE_PAE and lv == 3:
                 ptr_rsvd = (mask(64) & ~mask(m)) | x86.PAE_PDPTE_RESERVED
+            if mode.long_mode and lv == 3 and size is None:
+                ptr_rsvd |= PTE_PS  # PS in a PDPTE without 1 GiB pages
             leaf_rsvd = high_rsvd | nx_rsvd
             if size is not None and lv > 1:
                 if mode is MODE_32BIT:
@@ -279,9 +281,6 @@ class Decoder:
                 addr = raw & leaf_addr
         else:
             reserved = raw & ptr_rsvd
-            if raw & PTE_PS and size is None and level > 1 and not (
-                    self.ctx.mode is MODE_32BIT) and not (self.ctx.mode.long_mode and level >= 4):
-                reserved |= PTE_PS  # e.g. PS in a PDPTE without 1 GiB pages
             addr = raw & self.table_addr_mask
         return EntryInfo(level, raw, True, is_leaf, addr, size if is_leaf else None, reserved,
                          self.attrs_of(raw, level, is_leaf))
@@ -335,11 +334,6 @@ def check_va(mode: PagingMode, va: int) -> None:
             raise NonCanonicalAddress(va, mode.va_bits)
     elif va > mask(32):
         raise GdbextError(f"address {va:#x} is wider than 32 bits ({mode.name} paging)")
-
-
-def table_index(mode: PagingMode, level: int, va: int) -> int:
-    shape = mode.shape(level)
-    return (va >> shape.shift) & (shape.entries - 1)
 
 
 def walk(ctx: PagingContext, mem: PhysMemory, root: int, va: int,
@@ -437,7 +431,20 @@ def _repeat_u64(value: int) -> int:
 _CLEAR_MASK_LONG = _repeat_u64(mask(64) & ~_STATUS_BITS_LONG)
 _CLEAR_MASK_PAE = _repeat_u64(mask(64) & ~_STATUS_BITS_PAE)
 _U64_512 = struct.Struct("<512Q")
-_U32_1024 = struct.Struct("<1024I")
+_TABLE_STRUCTS: Dict[Tuple[int, int], struct.Struct] = {}
+
+
+def read_table(mode: PagingMode, mem: PhysMemory, table_pa: int, level: int
+               ) -> Tuple[bytes, Tuple[int, ...]]:
+    """One table's bytes and its entries as integers (a PAE PDPT is 4 entries)."""
+    shape = mode.shape(level)
+    key = (shape.entries, mode.entry_size)
+    layout = _TABLE_STRUCTS.get(key)
+    if layout is None:
+        layout = struct.Struct(f"<{shape.entries}{'Q' if mode.entry_size == 8 else 'I'}")
+        _TABLE_STRUCTS[key] = layout
+    data = mem.read_phys(table_pa, layout.size)
+    return data, layout.unpack(data)
 
 
 class _Enumerator:
@@ -461,19 +468,6 @@ class _Enumerator:
         self.tables: Dict[Tuple[int, int], int] = {}
         self.path: List[int] = []
 
-    def entries(self, table_pa: int, level: int) -> Optional[Tuple[bytes, Sequence[int]]]:
-        shape = self.mode.shape(level)
-        if self.mode is MODE_PAE and level == 3:
-            data = self.cache.read_phys(table_pa, 32)
-            return data, struct.unpack("<4Q", data)
-        page = self.cache.page(table_pa)
-        if page == ZERO_PAGE:
-            return None
-        if self.mode.entry_size == 8:
-            return page, _U64_512.unpack(page)
-        assert shape.entries == 1024
-        return page, _U32_1024.unpack(page)
-
     def scan(self, table_pa: int, level: int, base: int) -> List[Range]:
         """Ranges (in offsets from this table's VA ``base``) mapped under one table."""
         shape = self.mode.shape(level)
@@ -484,19 +478,17 @@ class _Enumerator:
             cached = self.memo.get(key)
             if cached is not None:
                 return cached
-        got = self.entries(table_pa, level)
-        if got is None:
+        page, ents = read_table(self.mode, self.cache, table_pa, level)
+        result: Optional[List[Range]] = None
+        if page == ZERO_PAGE:
             self.tables[key] = 0
-            result: List[Range] = []
-        else:
-            page, ents = got
-            result = None  # type: ignore[assignment]
-            if whole and self.mode.entry_size == 8 and len(ents) == 512:
-                result = self._uniform(page, ents, level, shape.shift)
-                if result is not None:
-                    self.tables[key] = 512
-            if result is None:
-                result = self._scan_entries(ents, table_pa, level, base, shape)
+            result = []
+        elif whole and self.mode.entry_size == 8 and len(ents) == 512:
+            result = self._uniform(page, ents, level, shape.shift)
+            if result is not None:
+                self.tables[key] = 512
+        if result is None:
+            result = self._scan_entries(ents, table_pa, level, base, shape)
         if whole and self.use_memo:
             self.memo[key] = result
         return result
@@ -691,13 +683,8 @@ def table_pages(ctx: PagingContext, mem: PhysMemory, root: int) -> List[Tuple[in
         seen[(pa, level)] = None
         if level == 1:
             continue
-        n = mode.shape(level).entries
         try:
-            if mode is MODE_PAE and level == 3:
-                ents = struct.unpack("<4Q", mem.read_phys(pa, 32))
-            else:
-                data = mem.read_phys(pa, n * mode.entry_size)
-                ents = struct.unpack(f"<{n}{'Q' if mode.entry_size == 8 else 'I'}", data)
+            _, ents = read_table(mode, mem, pa, level)
         except MemoryReadError:
             continue
         for raw in ents:
@@ -730,7 +717,6 @@ def tree_rows(ctx: PagingContext, mem: PhysMemory, root: int, lo: Optional[int] 
     lines: List[str] = []
     shown: Dict[Tuple[int, int], None] = {}
     esz = mode.entry_size
-    fmt = "Q" if esz == 8 else "I"
 
     def vaddr(off: int) -> int:
         return x86.canonical(off, mode.va_bits) if mode.long_mode else off
@@ -750,11 +736,10 @@ def tree_rows(ctx: PagingContext, mem: PhysMemory, root: int, lo: Optional[int] 
         lines.append(head)
         shape = mode.shape(level)
         try:
-            data = cache.read_phys(table_pa, shape.entries * esz)
+            _, ents = read_table(mode, cache, table_pa, level)
         except MemoryReadError as err:
             lines.append(f"{pad}  unreadable: {err}")
             return
-        ents = struct.unpack(f"<{shape.entries}{fmt}", data)
         run: Optional[list] = None  # [first idx, last idx, va, pa, size, attrs, raw flags]
 
         def flush() -> None:

@@ -8,7 +8,7 @@ as numbers.
 from __future__ import annotations
 
 import json
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from tabulate import tabulate
 
@@ -125,10 +125,3 @@ def walk_dict(w: Walk) -> Dict[str, object]:
                     "reserved": s.entry.reserved}
                    for s in w.steps],
     }
-
-
-# --- tree ------------------------------------------------------------------------------
-
-def tree_lines(rows: Iterable[tuple]) -> str:
-    """Rows from TreeRow tuples (depth, text)."""
-    return "\n".join("  " * depth + text for depth, text in rows)
