@@ -8,7 +8,6 @@ stopped when you quit GDB.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time

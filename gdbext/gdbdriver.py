@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import List, Optional
 
 from .core.errors import GdbextError
-from .paths import REPO_ROOT
+from .paths import GDBINIT
 
-GDBINIT = REPO_ROOT / "gdbext" / "gdbinit.py"
+# Starts the one line in which gdbext.gdb_layer.harness frames each command's reply.
 MARKER = "@@gdbext@@ "
 
 

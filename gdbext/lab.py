@@ -110,7 +110,6 @@ GRUB_CFG_NAME = "grub.cfg"
 LAB_INFO_NAME = "lab.json"
 
 # Repository files the lab points users at.
-GDBINIT = paths.REPO_ROOT / "gdbext" / "gdbinit.py"
 
 # Timing.
 START_TIMEOUT_S = 10.0  # QEMU start to gdbstub LISTEN (measured: < 0.1 s)
@@ -599,7 +598,7 @@ class Lab:
             [
                 GDB_BINARY,
                 "-nx",
-                "-ex", shlex.quote(f"source {GDBINIT}"),
+                "-ex", shlex.quote(f"source {paths.GDBINIT}"),
                 "-ex", shlex.quote(self.attach_command),
             ]
         )

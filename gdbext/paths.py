@@ -26,6 +26,9 @@ XEN_DEBIAN_SYMS = XEN_DEBIAN_ROOT / "usr" / "lib" / "debug" / "boot" / "xen-syms
 XEN_DEBIAN_SYMS_MAP = XEN_DEBIAN_SYMS.with_name("xen-syms-4.17-amd64.map")
 XEN_DEBIAN_EFI_MAP = XEN_DEBIAN_SYMS.with_name("xen-4.17-amd64.efi.map")
 
+# The file GDB sources to load the extension (scripts, the lab and the tests use it).
+GDBINIT = REPO_ROOT / "gdbext" / "gdbinit.py"
+
 # Firmware and boot loader from Debian's ovmf and grub-efi-amd64-bin packages.
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")

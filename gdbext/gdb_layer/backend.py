@@ -53,14 +53,12 @@ class GdbTarget:
         self._memory_map: Optional[MemoryMap] = None
         self._main_ram: list = []
         self._memory_map_known = False
-        self.generation = 0                  # bumped every time the stop cache is dropped
 
     # -- state ---------------------------------------------------------------------
 
     def invalidate(self, *_args) -> None:
         self.cache.clear()
         self._regs.clear()
-        self.generation += 1
 
     def forget_connection(self, *_args) -> None:
         self.invalidate()

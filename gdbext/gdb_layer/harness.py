@@ -11,11 +11,8 @@ import json
 
 import gdb
 
-MARKER = "@@gdbext@@ "
-
-
-def _one_line(err: object) -> str:
-    return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+from ..gdbdriver import MARKER
+from .command import one_line
 
 
 def run(cmd: str) -> None:
@@ -26,7 +23,7 @@ def run(cmd: str) -> None:
     except KeyboardInterrupt:
         error = "interrupted"
     except gdb.error as err:
-        error = _one_line(err) or "error"
+        error = one_line(err) or "error"
     # GDB may have printed its prompt on this line already: start a fresh one.
     gdb.write("\n" + MARKER + json.dumps({"cmd": cmd, "out": out, "error": error}) + "\n")
     gdb.flush()

@@ -34,7 +34,7 @@ from ..core import render
 from ..core.errors import GdbextError
 from ..core.xensyms import load_xen_syms
 from .backend import target
-from .command import CommandParser, XenCommand, add_json_option, eval_int, parse_int
+from .command import CommandParser, XenCommand, add_json_option, parse_int
 
 # Bytes compared at a candidate stop: enough to make a chance match impossible.
 VERIFY_BYTES = 32

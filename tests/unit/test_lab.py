@@ -317,7 +317,7 @@ def test_attach_strings():
     assert lab.gdb_target == "127.0.0.1:4321"
     assert lab.attach_command == "target remote 127.0.0.1:4321"
     assert lab.gdb_command_line() == (
-        f"gdb -nx -ex 'source {L.GDBINIT}' -ex 'target remote 127.0.0.1:4321'"
+        f"gdb -nx -ex 'source {L.paths.GDBINIT}' -ex 'target remote 127.0.0.1:4321'"
     )
 
 
