@@ -1,0 +1,542 @@
+"""The stops of Xen's multiboot2+EFI boot, computed from xen-syms; where RIP is.
+
+Never imports ``gdb``.  Every address comes from the symbols and from decoding
+the ELF's bytes; no offset of any particular build is written here.
+
+The path a multiboot2 loader (GRUB) takes on EFI, and the stops planted on it:
+
+==========================  =======  ==============================================
+stop                        address  what it is
+==========================  =======  ==============================================
+``__efi64_mb2_start``       load     the entry, 64-bit, firmware's identity tables
+``merge``                   load     RFC-patched builds only: just after
+                                     ``mov %rax,%cr3`` switched to the merged L4
+``call efi_multiboot2``     load     the call (``e8`` to efi_multiboot2, or the
+                                     RFC's ``call *%rax``)
+``efi_multiboot2``          load     (linked VA when the build calls it there)
+``efi_multiboot2 return``   load     the instruction after the call
+``x86_32_switch``           load     leaves long mode; %r15 = where it goes next
+``trampoline_setup``        load     32-bit, paging off; %esi = B
+``tables relocated``        load     after the loop adding B to __page_tables
+``l2_xenmap filled``        load     after the loop writing l2_xenmap's 2 MiB pages
+``trampoline cr3 load``     low      just after ``mov %eax,%cr3`` in the trampoline
+                                     copied to ``trampoline_phys`` (so CR3 is Xen's)
+``__high_start``            linked   first code at the linked address
+``__start_xen``             linked   the C entry
+==========================  =======  ==============================================
+
+"load" addresses are B + offset(instruction) (Xen runs at its load address
+until ``__high_start``); "linked" ones are the ELF's VAs; "low" ones are
+``trampoline_phys`` + (instruction - ``trampoline_start``), known only once
+``efi_multiboot2`` has chosen ``trampoline_phys`` (read it from guest memory at
+B + offset(``trampoline_phys``) from the ``efi_multiboot2 return`` stop on).
+
+Stops whose instructions cannot be found by decoding are left out of the plan
+and the reason is recorded in ``StopPlan.notes`` (e.g. a build without the
+RFC's merge has no ``merge`` stop).
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from .errors import GdbextError
+
+# -- stop names (the shared contract) ------------------------------------------
+
+ENTRY = "__efi64_mb2_start"
+MERGE = "merge"
+CALL = "call efi_multiboot2"
+EFI_MB2 = "efi_multiboot2"
+EFI_RETURN = "efi_multiboot2 return"
+SWITCH = "x86_32_switch"
+TRAMPOLINE_SETUP = "trampoline_setup"
+TABLES_RELOCATED = "tables relocated"
+L2_XENMAP_FILLED = "l2_xenmap filled"
+TRAMPOLINE_CR3 = "trampoline cr3 load"
+HIGH_START = "__high_start"
+START_XEN = "__start_xen"
+AFTER_START_XEN = "after __start_xen"  # a stretch, not a stop
+
+STOP_ORDER: Tuple[str, ...] = (
+    ENTRY, MERGE, CALL, EFI_MB2, EFI_RETURN, SWITCH, TRAMPOLINE_SETUP,
+    TABLES_RELOCATED, L2_XENMAP_FILLED, TRAMPOLINE_CR3, HIGH_START, START_XEN,
+)
+
+# Address kinds.
+LOAD = "load"      # B + offset(instruction)
+LINKED = "linked"  # the ELF's VA
+LOW = "low"        # trampoline_phys + (instruction - trampoline_start)
+
+ALL_CHECKS: Tuple[str, ...] = tuple(f"I{i}" for i in range(14))
+
+# Which invariants (xen-boot-paging.md) each stop can judge, and why.  With
+# --predict, the entry (and the call of an unpatched build, where CR3 is still
+# the firmware's) judges the predicted merge: every check.
+_LIVE_CHECKS: Dict[str, Tuple[str, ...]] = {
+    # Firmware state; I2: the firmware's upper half, lost by a merge.
+    ENTRY: ("I0", "I2"),
+    # CR3 is the merged L4 now; the l2 fills have not run yet.
+    MERGE: ("I0", "I1", "I2", "I3", "I4", "I12", "I13"),
+    # Everything the call through the high mapping needs.
+    CALL: ("I0", "I1", "I3", "I4", "I5", "I6", "I7", "I8", "I10", "I11", "I12", "I13"),
+    EFI_MB2: ("I0", "I6", "I7"),
+    # The firmware may have added L4 entries during the call.
+    EFI_RETURN: ("I0", "I1"),
+    SWITCH: ("I0",),
+    # 32-bit, paging off: no table is in use; the fix-ups are checked after.
+    TRAMPOLINE_SETUP: (),
+    TABLES_RELOCATED: ("I9",),
+    L2_XENMAP_FILLED: ("I5", "I11"),
+    TRAMPOLINE_CR3: ("I0", "I5", "I9", "I11"),
+    HIGH_START: ("I0", "I9"),
+    START_XEN: ("I0",),
+}
+# Stops where the RFC's merge is still to come on an unpatched build.
+_PREDICT_STOPS = (ENTRY, CALL)
+
+
+# -- instruction decoding (just enough, on raw bytes) ------------------------------
+
+MOV_CR3_RSI = b"\x0f\x20\xde"   # mov %cr3,%rsi
+MOV_RAX_CR3 = b"\x0f\x22\xd8"   # mov %rax,%cr3 (mov %eax,%cr3 in 32-bit code)
+CALL_RAX = b"\xff\xd0"          # call *%rax
+CALL_REL32 = 0xE8               # call rel32
+MOV_IMM32_EAX = 0xB8            # mov $imm32,%eax
+LEA_ESI_DISP32_EAX = b"\x8d\x86"  # lea disp32(%esi),%eax
+LEA_ESI_DISP32_EDI = b"\x8d\xbe"  # lea disp32(%esi),%edi
+MOV_EAX_SIB_DISP32 = b"\x89\x84"  # mov %eax,disp32(base,index,scale)
+# How far after the idle_pg_table immediate the CR3 load may be (one add between).
+_CR3_LOAD_WINDOW = 16
+
+
+@dataclass(frozen=True)
+class MergeSite:
+    """The RFC's merge inside __efi64_mb2_start (linked VAs of the instructions)."""
+    mov_cr3_rsi: int   # reads the firmware's CR3 (F)
+    mov_rax_cr3: int   # switches to the merged L4
+    call_rax: int      # calls efi_multiboot2 at its linked VA
+
+    def as_dict(self) -> Dict[str, int]:
+        return {"mov_cr3_rsi": self.mov_cr3_rsi, "mov_rax_cr3": self.mov_rax_cr3,
+                "call_rax": self.call_rax}
+
+
+def find_merge(code: bytes, va: int) -> Optional[MergeSite]:
+    """The RFC's three instructions, in order, in ``code`` (linked at ``va``).
+
+    All three must be there (``mov %cr3,%rsi`` < ``mov %rax,%cr3`` <
+    ``call *%rax``), else None: a build without the merge.
+    """
+    a = code.find(MOV_CR3_RSI)
+    if a < 0:
+        return None
+    b = code.find(MOV_RAX_CR3, a + len(MOV_CR3_RSI))
+    if b < 0:
+        return None
+    c = code.find(CALL_RAX, b + len(MOV_RAX_CR3))
+    if c < 0:
+        return None
+    return MergeSite(va + a, va + b, va + c)
+
+
+def find_call_rel32(code: bytes, va: int, target: int) -> Optional[int]:
+    """VA of the first ``call rel32`` in ``code`` whose target is ``target``."""
+    i = code.find(bytes([CALL_REL32]))
+    while 0 <= i <= len(code) - 5:
+        rel = struct.unpack_from("<i", code, i + 1)[0]
+        if va + i + 5 + rel == target:
+            return va + i
+        i = code.find(bytes([CALL_REL32]), i + 1)
+    return None
+
+
+# A loop's backward jump lands at most this far before the instruction that
+# identifies the loop (its set-up, or a store in its body).
+_LOOP_REACH = 32
+
+
+def _back_jcc(code: bytes, anchor: int) -> Optional[Tuple[int, int, int]]:
+    """The first conditional jump after index ``anchor`` that jumps back to near
+    ``anchor`` (a loop around or just after it): (index, length, target index).
+    Short (7x rel8) and near (0f 8x rel32) forms; far backward jumps (to an
+    error path) are not loops and are passed over."""
+    for i in range(anchor, len(code) - 1):
+        op = code[i]
+        if 0x70 <= op <= 0x7F:
+            length, tgt = 2, i + 2 + struct.unpack_from("<b", code, i + 1)[0]
+        elif op == 0x0F and 0x80 <= code[i + 1] <= 0x8F and i + 6 <= len(code):
+            length, tgt = 6, i + 6 + struct.unpack_from("<i", code, i + 2)[0]
+        else:
+            continue
+        if anchor - _LOOP_REACH <= tgt <= i:
+            return i, length, tgt
+    return None
+
+
+def find_loop_after(code: bytes, va: int, pattern: bytes) -> Optional[Tuple[int, int]]:
+    """(loop start VA, VA just after the loop) of the loop set up or stored by
+    the instruction ``pattern``: the first backward conditional jump after it
+    that lands near it closes the loop."""
+    i = code.find(pattern)
+    if i < 0:
+        return None
+    hit = _back_jcc(code, i)
+    if hit is None:
+        return None
+    j, length, tgt = hit
+    return va + tgt, va + j + length
+
+
+def find_cr3_load(code: bytes, va: int, root_offset: int) -> Optional[int]:
+    """VA of the trampoline's ``mov %eax,%cr3`` loading Xen's root table:
+    it follows ``mov $offset(idle_pg_table),%eax`` (plus an add of B)."""
+    pat = bytes([MOV_IMM32_EAX]) + struct.pack("<I", root_offset)
+    i = code.find(pat)
+    while i >= 0:
+        j = code.find(MOV_RAX_CR3, i + len(pat), i + len(pat) + _CR3_LOAD_WINDOW)
+        if j >= 0:
+            return va + j
+        i = code.find(pat, i + 1)
+    return None
+
+
+# -- the plan ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BootStop:
+    name: str
+    kind: str                 # LOAD, LINKED or LOW
+    linked_va: int            # the instruction in the ELF
+    offset: int               # linked_va - XEN_VIRT_START (B + offset = load address)
+    checks: Tuple[str, ...]   # live checks that apply here
+    why: str                  # one line: what this stop is for
+    low_offset: Optional[int] = None  # LOW: instruction - trampoline_start
+
+    def address(self, load_base: Optional[int],
+                trampoline_phys: Optional[int] = None) -> Optional[int]:
+        """Where the CPU executes this stop: None while unknown (B, trampoline_phys)."""
+        if self.kind == LINKED:
+            return self.linked_va
+        if self.kind == LOW:
+            if trampoline_phys is None or self.low_offset is None:
+                return None
+            return trampoline_phys + self.low_offset
+        if load_base is None:
+            return None
+        return load_base + self.offset
+
+    def as_dict(self, load_base: Optional[int] = None,
+                trampoline_phys: Optional[int] = None) -> Dict[str, object]:
+        return {"stop": self.name, "kind": self.kind, "linked_va": self.linked_va,
+                "offset": self.offset, "low_offset": self.low_offset,
+                "address": self.address(load_base, trampoline_phys),
+                "checks": list(self.checks), "why": self.why}
+
+
+@dataclass
+class StopPlan:
+    """The stops of one Xen build, in boot order."""
+    stops: List[BootStop]
+    patched: bool                        # has the RFC's merge
+    merge_site: Optional[MergeSite]
+    notes: List[str] = field(default_factory=list)  # what is missing, and why
+    trampoline_phys_va: Optional[int] = None        # linked VA of the u32/u64 trampoline_phys
+    trampoline_size: Optional[int] = None           # trampoline_end - trampoline_start
+    relocation_loop: Optional[Tuple[int, int]] = None  # linked VAs [start, after)
+    l2_xenmap_fill: Optional[Tuple[int, int]] = None
+
+    def names(self) -> List[str]:
+        return [s.name for s in self.stops]
+
+    def get(self, name: str) -> Optional[BootStop]:
+        for s in self.stops:
+            if s.name == name:
+                return s
+        return None
+
+    def checks_for(self, stop: BootStop, predict: bool = False) -> Tuple[str, ...]:
+        """The checks that apply at ``stop`` (every one for a predicted merge)."""
+        if predict and (stop.name == ENTRY or (stop.name == CALL and not self.patched)):
+            return ALL_CHECKS
+        return stop.checks
+
+    def select(self, stops: Optional[Iterable[str]] = None,
+               skip: Optional[Iterable[str]] = None) -> List[BootStop]:
+        """The stops to plant, in boot order. Unknown names raise one line naming them."""
+        known = set(STOP_ORDER)
+        want = _norm_names(stops) if stops is not None else None
+        drop = _norm_names(skip) if skip is not None else []
+        bad = [n for n in (want or []) + drop if n not in known]
+        if bad:
+            raise GdbextError(
+                f"unknown stop {', '.join(repr(b) for b in bad)}; stops are: "
+                + ", ".join(STOP_ORDER))
+        missing = [n for n in (want or []) if self.get(n) is None]
+        if missing:
+            raise GdbextError(
+                f"stop {', '.join(repr(m) for m in missing)} is not in this build's plan "
+                f"({'; '.join(self.notes) or 'not found by decoding'})")
+        out = [s for s in self.stops if (want is None or s.name in want) and s.name not in drop]
+        return out
+
+    def as_dict(self, load_base: Optional[int] = None,
+                trampoline_phys: Optional[int] = None) -> Dict[str, object]:
+        return {"patched": self.patched,
+                "merge": self.merge_site.as_dict() if self.merge_site else None,
+                "stops": [s.as_dict(load_base, trampoline_phys) for s in self.stops],
+                "notes": list(self.notes)}
+
+
+def _norm_names(names: Iterable[str]) -> List[str]:
+    """Accept a list or comma-separated strings; stop names contain spaces."""
+    out: List[str] = []
+    for item in names:
+        out.extend(p.strip() for p in str(item).split(",") if p.strip())
+    return out
+
+
+def _next_symbol_va(syms, va: int) -> int:
+    """The address of the next symbol above ``va`` (end of an asm label's code)."""
+    addrs = _symbol_addrs(syms)
+    i = bisect.bisect_right(addrs, va)
+    return addrs[i] if i < len(addrs) else syms.image_end
+
+
+_ADDR_CACHE: Dict[int, List[int]] = {}
+
+
+def _symbol_addrs(syms) -> List[int]:
+    key = id(syms)
+    hit = _ADDR_CACHE.get(key)
+    if hit is None:
+        hit = sorted({s.value for s in syms if not s.is_absolute and syms.in_image(s.value)})
+        _ADDR_CACHE[key] = hit
+    return hit
+
+
+def _code(syms, name: str) -> Tuple[int, bytes]:
+    """(VA, bytes) of an asm label's code up to the next symbol (sizes are 0)."""
+    va = syms.linked_va(name)
+    sym = syms.lookup(name)
+    end = va + sym.size if sym.size else _next_symbol_va(syms, va)
+    return va, syms.read_linked(va, end - va)
+
+
+def build_plan(syms) -> StopPlan:
+    """The stop plan of this build, from its symbols and bytes."""
+    notes: List[str] = []
+    stops: List[BootStop] = []
+
+    def add(name: str, kind: str, va: int, why: str, low_offset: Optional[int] = None):
+        stops.append(BootStop(name, kind, va, syms.offset(va), _LIVE_CHECKS[name], why,
+                              low_offset))
+
+    for needed in (ENTRY, EFI_MB2, SWITCH, TRAMPOLINE_SETUP):
+        if needed not in syms:
+            raise GdbextError(f"{syms.path}: no {needed} symbol: not a multiboot2+EFI x86 Xen "
+                              "(xen-mb2-break needs xen-syms of such a build)")
+    entry_va, entry_code = _code(syms, ENTRY)
+    efi_va = syms.linked_va(EFI_MB2)
+    add(ENTRY, LOAD, entry_va, "Xen's multiboot2+EFI entry: derive B, snapshot the firmware's tables")
+
+    merge = find_merge(entry_code, entry_va)
+    if merge is not None:
+        add(MERGE, LOAD, merge.mov_rax_cr3 + len(MOV_RAX_CR3),
+            "just after the switch to the merged L4 (RFC)")
+        call_va, call_len = merge.call_rax, len(CALL_RAX)
+        add(CALL, LOAD, call_va, "the call of efi_multiboot2 at its linked VA (call *%rax)")
+        add(EFI_MB2, LINKED, efi_va, "efi_multiboot2 at its linked VA, through the merged L4")
+    else:
+        notes.append(f"no RFC merge in {ENTRY} (no mov %cr3,%rsi / mov %rax,%cr3 / "
+                     "call *%rax): this build calls efi_multiboot2 at its load address")
+        call_va = find_call_rel32(entry_code, entry_va, efi_va)
+        call_len = 5
+        if call_va is None:
+            notes.append(f"no call of efi_multiboot2 found in {ENTRY}")
+        else:
+            add(CALL, LOAD, call_va, "the call of efi_multiboot2 (at its load address)")
+        add(EFI_MB2, LOAD, efi_va, "efi_multiboot2 at its load address, firmware's tables")
+    if call_va is not None:
+        add(EFI_RETURN, LOAD, call_va + call_len, "back from efi_multiboot2 (firmware may have "
+            "changed its tables)")
+    add(SWITCH, LOAD, syms.linked_va(SWITCH), "leaves long mode; %r15 = where it goes next")
+    ts_va, ts_code = _code(syms, TRAMPOLINE_SETUP)
+    add(TRAMPOLINE_SETUP, LOAD, ts_va, "32-bit, paging off, %esi = B; fixes up the tables")
+
+    reloc_loop = fill_loop = None
+    if syms.page_tables_start is not None:
+        pat = LEA_ESI_DISP32_EAX + struct.pack("<I", syms.offset(syms.page_tables_start))
+        reloc_loop = find_loop_after(ts_code, ts_va, pat)
+    if reloc_loop is None:
+        notes.append(f"the loop relocating __page_tables was not found in {TRAMPOLINE_SETUP}")
+    else:
+        add(TABLES_RELOCATED, LOAD, reloc_loop[1], "after the loop adding B to every present "
+            "entry of __page_tables")
+    if "l2_xenmap" in syms:
+        pat = MOV_EAX_SIB_DISP32
+        # mov %eax, offset(l2_xenmap)(%esi,%ecx,8): any SIB byte.
+        want = struct.pack("<I", syms.offset("l2_xenmap"))
+        i = ts_code.find(pat)
+        while i >= 0 and ts_code[i + 3:i + 7] != want:
+            i = ts_code.find(pat, i + 1)
+        if i >= 0:
+            fill_loop = find_loop_after(ts_code, ts_va, ts_code[i:i + 7])
+    if fill_loop is None:
+        notes.append(f"the loop filling l2_xenmap was not found in {TRAMPOLINE_SETUP}")
+    else:
+        add(L2_XENMAP_FILLED, LOAD, fill_loop[1], "after the loop writing l2_xenmap's 2 MiB "
+            "pages (B + i*2 MiB | PSE+RWX)")
+
+    tramp_size = tphys = None
+    if all(n in syms for n in ("trampoline_start", "trampoline_end", "trampoline_phys",
+                               "idle_pg_table")):
+        t0 = syms.linked_va("trampoline_start")
+        t1 = syms.linked_va("trampoline_end")
+        tramp_size = t1 - t0
+        tphys = syms.linked_va("trampoline_phys")
+        load = find_cr3_load(syms.read_linked(t0, tramp_size), t0, syms.offset("idle_pg_table"))
+        if load is None:
+            notes.append("the trampoline's CR3 load was not found; __high_start is the first "
+                         "stop with Xen's CR3")
+        else:
+            after = load + len(MOV_RAX_CR3)
+            add(TRAMPOLINE_CR3, LOW, after, "just after the trampoline loaded CR3 = B + "
+                "offset(idle_pg_table), paging still off", low_offset=after - t0)
+    else:
+        notes.append("no trampoline symbols; __high_start is the first stop with Xen's CR3")
+    for name in (HIGH_START, START_XEN):
+        if name in syms:
+            add(name, LINKED, syms.linked_va(name),
+                "first code at the linked address" if name == HIGH_START else "Xen's C entry")
+    return StopPlan(stops, merge is not None, merge, notes, tphys, tramp_size,
+                    reloc_loop, fill_loop)
+
+
+# -- where RIP is --------------------------------------------------------------------
+
+def where_in_boot(syms, load_base: Optional[int], rip: int,
+                  trampoline_phys: Optional[int] = None) -> Optional[str]:
+    """The known stretch of boot code ``rip`` is in, or None.
+
+    At the load address (B + offset): "__efi64_mb2_start", "x86_32_switch"
+    (with cs32_switch), "trampoline_setup" (with the helpers it calls: reloc,
+    cmdline_parse_early), other head.S labels by their own name (e.g.
+    "__start", "trampoline_bios_setup"), and any other image code as
+    "efi_multiboot2" (the only C code that runs at the load address on this
+    path).  In the trampoline's low copy (``trampoline_phys`` given):
+    "trampoline".  At linked VAs: "__high_start" (x86_64.S up to the call),
+    "__start_xen", "efi_multiboot2" for the EFI boot code (RFC builds call it
+    there), and anything else in the image as "after __start_xen".
+    """
+    if trampoline_phys is not None and "trampoline_start" in syms and "trampoline_end" in syms:
+        size = syms.linked_va("trampoline_end") - syms.linked_va("trampoline_start")
+        if trampoline_phys <= rip < trampoline_phys + size:
+            return "trampoline"
+    if syms.in_image(rip):
+        return _linked_stretch(syms, rip)
+    if load_base is not None:
+        va = syms.virt_start + (rip - load_base)
+        if rip >= load_base and syms.in_image(va):
+            return _load_stretch(syms, va)
+    return None
+
+
+def _load_stretch(syms, va: int) -> str:
+    hit = syms.symbol_at(va)
+    sym = syms.lookup(hit[0]) if hit else None
+    if sym is None or not (sym.file or "").endswith("head.o"):
+        return EFI_MB2
+    label = sym.name
+    if label == "cs32_switch":  # x86_32_switch's second half, in 32-bit mode
+        return SWITCH
+    if TRAMPOLINE_SETUP in syms and va >= syms.linked_va(TRAMPOLINE_SETUP):
+        # reloc / cmdline_parse_early follow trampoline_setup and are called by it.
+        return TRAMPOLINE_SETUP
+    return label
+
+
+def _linked_stretch(syms, va: int) -> str:
+    if START_XEN in syms:
+        sx = syms.lookup(START_XEN)
+        if sx.value <= va < sx.value + (sx.size or 1):
+            return START_XEN
+    if HIGH_START in syms:
+        hs = syms.linked_va(HIGH_START)
+        if hs <= va < _next_symbol_va(syms, hs):
+            return HIGH_START
+    hit = syms.symbol_at(va)
+    if hit is not None:
+        sym = syms.lookup(hit[0])
+        if sym.name == EFI_MB2 or (sym.file or "").startswith("common/efi/") or \
+                sym.name.startswith("efi_arch_"):
+            return EFI_MB2
+    return AFTER_START_XEN
+
+
+def stop_at(plan: StopPlan, load_base: Optional[int], rip: int,
+            trampoline_phys: Optional[int] = None) -> Optional[BootStop]:
+    """The planned stop whose address is ``rip``, if any."""
+    for s in plan.stops:
+        if s.address(load_base, trampoline_phys) == rip:
+            return s
+    return None
+
+
+# -- what changed between two stops ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TablesSnapshot:
+    """CR3, the root table it names, and Xen's boot tables, as read at one stop."""
+    cr3: int
+    root: Optional[Tuple[int, ...]]        # 512 qwords at CR3 & ~0xfff (None: unreadable)
+    boot: Mapping[str, Tuple[int, ...]]    # table name -> its qwords in guest memory
+
+
+def diff_snapshots(old: Optional[TablesSnapshot], new: TablesSnapshot) -> Dict[str, object]:
+    """What changed in CR3 and the tables since ``old`` (None: the first stop).
+
+    ``l4_changed``: indices whose entry differs between the old root and the new
+    one (also across a CR3 switch: what the new root changes for the CPU).
+    ``boot_changed``: per Xen boot table, the count of qwords that changed
+    (e.g. trampoline_setup relocating them); ``boot_qwords_changed`` their sum.
+    """
+    out: Dict[str, object] = {"cr3_old": None if old is None else old.cr3,
+                              "cr3_new": new.cr3,
+                              "cr3_changed": old is not None and old.cr3 != new.cr3,
+                              "l4_changed": [], "boot_changed": {}, "boot_qwords_changed": 0}
+    if old is None:
+        return out
+    if old.root is not None and new.root is not None:
+        out["l4_changed"] = [i for i, (a, b) in enumerate(zip(old.root, new.root)) if a != b]
+    per: Dict[str, int] = {}
+    for name, qwords in new.boot.items():
+        before = old.boot.get(name)
+        if before is None:
+            continue
+        n = sum(1 for a, b in zip(before, qwords) if a != b)
+        if n:
+            per[name] = n
+    out["boot_changed"] = per
+    out["boot_qwords_changed"] = sum(per.values())
+    return out
+
+
+def qwords(raw: bytes) -> Tuple[int, ...]:
+    return struct.unpack(f"<{len(raw) // 8}Q", raw[:len(raw) // 8 * 8])
+
+
+def select_checks(applicable: Sequence[str], only: Optional[Iterable[str]] = None,
+                  skip: Optional[Iterable[str]] = None) -> List[str]:
+    """The ids to run at a stop: those that apply, narrowed by --only and --skip."""
+    want = {c.upper() for c in _norm_names(only)} if only else None
+    drop = {c.upper() for c in _norm_names(skip)} if skip else set()
+    bad = sorted(((want or set()) | drop) - set(ALL_CHECKS))
+    if bad:
+        raise GdbextError(f"unknown check {', '.join(bad)}; checks are I0..I13")
+    return [c for c in applicable if (want is None or c in want) and c not in drop]
