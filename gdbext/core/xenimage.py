@@ -25,9 +25,11 @@ output, the merge checks and the diagrams.  Never imports ``gdb``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import x86
+from .errors import GdbextError, MemoryReadError
+from .xensyms import MB2_HEADER_MAGIC, XEN_PHYS_START_SYMBOL
 
 RELOCATED = "relocated"
 UNRELOCATED = "unrelocated"
@@ -159,3 +161,325 @@ class LoadedXen:
     def same_entry(a: int, b: int) -> bool:
         """Equal but for the bits the CPU sets while walking (A, D)."""
         return (a & ~_HW_SET_BITS) == (b & ~_HW_SET_BITS)
+
+
+# ---------------------------------------------------------------------------
+# Finding the image in guest memory, and checking it is the one in xen-syms
+# ---------------------------------------------------------------------------
+#
+# Everything below works on a ``PhysMemory`` (``read_phys(pa, size)``) and a
+# XenSymbols: the GDB layer passes the real target, the unit tests synthetic
+# memory holding the real xen-syms bytes at a chosen B.
+
+# The build-id note is inside the loaded image (it is in xen.gz's PT_LOAD).
+BUILD_ID_NOTE_START = "__note_gnu_build_id_start"
+BUILD_ID_NOTE_END = "__note_gnu_build_id_end"
+BUILD_ID_SECTION = ".note.gnu.build-id"
+NT_GNU_BUILD_ID = 3
+GNU_NOTE_NAME = b"GNU\0"
+
+# Multiboot2 boot information (spec): %eax holds this magic on entry, %rbx the MBI.
+MB2_BOOTLOADER_MAGIC = 0x36D76289
+MBI_TAG_END = 0
+MBI_TAG_LOAD_BASE_ADDR = 21   # u32 load_base_addr: where the image starts (PA(_start))
+MBI_MAX_SIZE = 1 << 20        # sanity bound on total_size before reading the whole MBI
+
+# Bytes of the image compared with the ELF before a candidate B is believed:
+# at RIP (code that has not run yet is byte-identical), and from PA(_start)
+# (the image's head: its jump, the multiboot headers, the first functions).
+CODE_VERIFY_BYTES = 32
+IMAGE_VERIFY_BYTES = 4096
+
+# head.S, x86_32_switch: ``lea __image_base__(%rip), %esi`` puts B in %esi,
+# which stays B through cs32_switch until trampoline_setup stores it.
+ESI_STRETCH_FROM = "x86_32_switch"
+ESI_STRETCH_TO = "trampoline_setup"
+_LEA_RIP_ESI = b"\x8d\x35"    # lea disp32(%rip), %esi (no REX)
+
+
+def _u32(raw: bytes, off: int) -> int:
+    return int.from_bytes(raw[off:off + 4], "little")
+
+
+def parse_build_id_note(raw: bytes) -> Optional[bytes]:
+    """The desc of the first NT_GNU_BUILD_ID/"GNU" note in ``raw``, else None."""
+    off = 0
+    while off + 12 <= len(raw):
+        namesz, descsz, ntype = _u32(raw, off), _u32(raw, off + 4), _u32(raw, off + 8)
+        name_off = off + 12
+        desc_off = name_off + ((namesz + 3) & ~3)
+        end = desc_off + ((descsz + 3) & ~3)
+        if end > len(raw) or desc_off + descsz > len(raw):
+            return None
+        if ntype == NT_GNU_BUILD_ID and raw[name_off:name_off + namesz] == GNU_NOTE_NAME:
+            return bytes(raw[desc_off:desc_off + descsz])
+        off = end
+    return None
+
+
+def build_id_note_span(syms) -> Optional[Tuple[int, int]]:
+    """(linked VA, size) of the build-id note inside the image, or None (a .map)."""
+    start, end = syms.get(BUILD_ID_NOTE_START), syms.get(BUILD_ID_NOTE_END)
+    if start is not None and end is not None and end.value > start.value:
+        return start.value, end.value - start.value
+    for sec in getattr(syms, "sections", ()):
+        if sec.name == BUILD_ID_SECTION and sec.size:
+            return sec.addr, sec.size
+    return None
+
+
+def build_id_in_memory(mem, syms, load_base: int) -> Optional[bytes]:
+    """The build-id in the note of the image loaded at B (None: no valid note there).
+
+    Raises MemoryReadError if the note's place cannot be read."""
+    span = build_id_note_span(syms)
+    if span is None:
+        return None
+    va, size = span
+    return parse_build_id_note(mem.read_phys(load_base + syms.offset(va), size))
+
+
+@dataclass(frozen=True)
+class BuildIdCheck:
+    """xen-syms' build-id against the one in the image in guest memory."""
+    expected: Optional[bytes]    # from xen-syms (None: a .map has none)
+    found: Optional[bytes]       # from guest memory (None: no note there, or unreadable)
+    readable: bool               # False: the note's place could not be read
+
+    @property
+    def match(self) -> Optional[bool]:
+        """True/False, or None when it cannot be told (no build-id in xen-syms, unreadable)."""
+        if self.expected is None or not self.readable:
+            return None
+        return self.found == self.expected
+
+    def mismatch_message(self, path, load_base: int) -> str:
+        found = self.found.hex() if self.found else "no build-id note"
+        return (f"build-id mismatch: xen-syms {path} has {self.expected.hex()} but the Xen "
+                f"image in guest memory at B={load_base:#x} has {found}: load that Xen's "
+                f"xen-syms ('xen-syms PATH'), or 'set xen-ignore-build-id on' to use these "
+                f"symbols anyway")
+
+    def as_dict(self) -> Dict[str, object]:
+        return {"expected": self.expected.hex() if self.expected else None,
+                "found": self.found.hex() if self.found else None,
+                "match": self.match}
+
+
+def check_build_id(mem, syms, load_base: int) -> BuildIdCheck:
+    try:
+        found = build_id_in_memory(mem, syms, load_base)
+    except MemoryReadError:
+        return BuildIdCheck(syms.build_id, None, False)
+    return BuildIdCheck(syms.build_id, found, True)
+
+
+# -- verifying a candidate B ------------------------------------------------------------
+
+def header_pa(syms, load_base: int) -> Optional[int]:
+    """PA of the multiboot2 header of the image at B (None: the image has none)."""
+    hdr = syms.multiboot2
+    return None if hdr is None else load_base + syms.offset(hdr.va)
+
+
+def _read(mem, pa: int, size: int) -> Optional[bytes]:
+    try:
+        return mem.read_phys(pa, size)
+    except MemoryReadError:
+        return None
+
+
+def _elf_bytes(syms, va: int, size: int) -> Optional[bytes]:
+    try:
+        return syms.read_linked(va, size)
+    except GdbextError:
+        return None
+
+
+def header_at(mem, syms, load_base: int) -> bool:
+    """A valid multiboot2 header (magic, checksum) where this image has its own, at B.
+
+    True for any Xen build with its header at the same offset: the cheap test
+    (and what tells "a Xen, but not this xen-syms" apart from "no Xen")."""
+    hdr = syms.multiboot2
+    if hdr is None:
+        return False
+    raw = _read(mem, header_pa(syms, load_base), 16)
+    if raw is None:
+        return False
+    magic, arch, hlen, csum = (_u32(raw, i) for i in (0, 4, 8, 12))
+    return magic == MB2_HEADER_MAGIC and not (magic + arch + hlen + csum) & 0xFFFFFFFF
+
+
+def same_bytes(mem, syms, load_base: int, va: int, size: int) -> bool:
+    """Guest bytes at PA(va) equal the ELF's bytes at va."""
+    elf = _elf_bytes(syms, va, size)
+    return elf is not None and _read(mem, load_base + syms.offset(va), size) == elf
+
+
+def verify_base(mem, syms, load_base: int, image_bytes: int = IMAGE_VERIFY_BYTES) -> bool:
+    """This xen-syms' image is at B: its multiboot2 header (whole, checksum included)
+    and the first ``image_bytes`` of the image equal the ELF's."""
+    hdr = syms.multiboot2
+    if hdr is not None and not (header_at(mem, syms, load_base)
+                                and same_bytes(mem, syms, load_base, hdr.va,
+                                               hdr.header_length)):
+        return False
+    size = min(image_bytes, syms.image_end - syms.image_start)
+    return same_bytes(mem, syms, load_base, syms.image_start, size)
+
+
+def base_align(syms) -> int:
+    """The alignment of B: the RELOCATABLE tag's (image start and B differ by 2 MiB)."""
+    hdr = syms.multiboot2
+    reloc = hdr.relocatable if hdr is not None else None
+    return reloc.align if reloc is not None and reloc.align else x86.PAGE_SIZE
+
+
+# -- sources of B -------------------------------------------------------------------------
+
+def bases_around(syms, pa: int) -> List[int]:
+    """Every aligned B for which ``pa`` falls inside the image at B (highest first)."""
+    align = base_align(syms)
+    lo_off = syms.offset(syms.image_start)
+    hi_off = syms.offset(syms.image_end)
+    first = -(-(pa - hi_off + 1) // align) * align
+    last = ((pa - lo_off) // align) * align
+    return [b for b in range(last, first - 1, -align) if b >= 0]
+
+
+def base_from_rip(mem, syms, rip_pa: int, verify_bytes: int = CODE_VERIFY_BYTES) -> Optional[int]:
+    """B if the CPU executes this image at its load address: RIP's PA is inside the
+    image at B, the code bytes at RIP are the ELF's there and so is the header."""
+    for b in bases_around(syms, rip_pa):
+        va = syms.virt_start + (rip_pa - b)
+        if same_bytes(mem, syms, b, va, verify_bytes) and verify_base(mem, syms, b,
+                                                                      image_bytes=0):
+            return b
+    return None
+
+
+def esi_stretch(syms) -> Optional[Tuple[int, int]]:
+    """[first, last] offsets of head.S code that runs with %esi = B.
+
+    From just after x86_32_switch's ``lea __image_base__(%rip), %esi`` up to and
+    including trampoline_setup's first instruction (which stores %esi in
+    xen_phys_start). Found in the ELF's bytes; None if this image has no such code."""
+    start, end = syms.get(ESI_STRETCH_FROM), syms.get(ESI_STRETCH_TO)
+    if start is None or end is None or end.value <= start.value:
+        return None
+    code = _elf_bytes(syms, start.value, end.value - start.value)
+    if code is None:
+        return None
+    i = code.find(_LEA_RIP_ESI)
+    while i >= 0:
+        nxt = start.value + i + 6
+        disp = int.from_bytes(code[i + 2:i + 6], "little", signed=True)
+        if nxt + disp == syms.virt_start:          # target is __image_base__
+            return syms.offset(nxt), syms.offset(end.value)
+        i = code.find(_LEA_RIP_ESI, i + 1)
+    return None
+
+
+def base_from_esi(mem, syms, rip_pa: int, esi: int) -> Optional[int]:
+    """B from %esi while RIP is in the stretch where head.S holds it there."""
+    stretch = esi_stretch(syms)
+    if stretch is None or esi % base_align(syms):
+        return None
+    if not stretch[0] <= rip_pa - esi <= stretch[1]:
+        return None
+    return esi if verify_base(mem, syms, esi, image_bytes=0) else None
+
+
+def phys_start_holds(mem, syms, load_base: int) -> bool:
+    """xen_phys_start, read at its PA for this B, holds B (trampoline_setup stored it)."""
+    if XEN_PHYS_START_SYMBOL not in syms:
+        return False
+    raw = _read(mem, syms.pa(XEN_PHYS_START_SYMBOL, load_base), 8)
+    return raw is not None and int.from_bytes(raw, "little") == load_base
+
+
+def plausible_base(syms, value: int) -> bool:
+    """Aligned as the RELOCATABLE tag demands and not 0 (xen_phys_start before it is set)."""
+    return bool(value) and value % base_align(syms) == 0 and value < 1 << 52
+
+
+def mbi_tags(mem, mbi_pa: int) -> List[Tuple[int, bytes]]:
+    """(type, payload) of every tag of the multiboot2 boot information at ``mbi_pa``."""
+    head = _read(mem, mbi_pa, 8)
+    if head is None:
+        return []
+    total = _u32(head, 0)
+    if not 16 <= total <= MBI_MAX_SIZE:
+        return []
+    raw = _read(mem, mbi_pa, total)
+    if raw is None:
+        return []
+    tags = []
+    off = 8
+    while off + 8 <= total:
+        ttype, tsize = _u32(raw, off), _u32(raw, off + 4)
+        if ttype == MBI_TAG_END or tsize < 8 or off + tsize > total:
+            break
+        tags.append((ttype, bytes(raw[off + 8:off + tsize])))
+        off += (tsize + 7) & ~7
+    return tags
+
+
+def base_from_mbi(mem, syms, mbi_pa: int) -> Optional[int]:
+    """B from the MBI's LOAD_BASE_ADDR tag (PA(_start)), verified against the ELF."""
+    for ttype, payload in mbi_tags(mem, mbi_pa):
+        if ttype == MBI_TAG_LOAD_BASE_ADDR and len(payload) >= 4:
+            b = _u32(payload, 0) - syms.image_offset
+            if b >= 0 and verify_base(mem, syms, b):
+                return b
+    return None
+
+
+@dataclass
+class ScanResult:
+    load_base: Optional[int]          # this xen-syms' image, verified
+    candidates_read: int              # candidate bases whose header place was read
+    candidates: int                   # candidate bases in RAM
+    header_only: List[int]            # bases with a valid multiboot2 header but other bytes
+
+
+def scan_candidates(syms, ram_ranges: Sequence[Tuple[int, int]]) -> List[int]:
+    """Bases the image's RELOCATABLE tag allows with the whole image in one RAM range,
+    in the order a loader honouring its preference tries them."""
+    if not ram_ranges:
+        return []
+    size = syms.load_size()
+    top = max(end for _start, end in ram_ranges)
+    out = []
+    for b in syms.load_base_candidates(top):
+        s = b + syms.image_offset
+        if any(lo <= s and s + size <= hi for lo, hi in ram_ranges):
+            out.append(b)
+    return out
+
+
+def scan(mem, syms, ram_ranges: Sequence[Tuple[int, int]], stop_at_first: bool = True,
+         image_bytes: int = IMAGE_VERIFY_BYTES) -> ScanResult:
+    """Look for the image at every candidate base: first the 4-byte multiboot2 magic
+    where this image has its header (one small read per candidate), then, where it
+    is, the checksum, the whole header and ``image_bytes`` of the image."""
+    hdr = syms.multiboot2
+    cands = scan_candidates(syms, ram_ranges)
+    result = ScanResult(None, 0, len(cands), [])
+    if hdr is None:
+        return result
+    magic = MB2_HEADER_MAGIC.to_bytes(4, "little")
+    hdr_off = syms.offset(hdr.va)
+    for b in cands:
+        result.candidates_read += 1
+        if _read(mem, b + hdr_off, 4) != magic:
+            continue
+        if verify_base(mem, syms, b, image_bytes):
+            if result.load_base is None:
+                result.load_base = b
+            if stop_at_first:
+                break
+        elif header_at(mem, syms, b):
+            result.header_only.append(b)
+    return result

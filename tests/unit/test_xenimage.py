@@ -1,4 +1,8 @@
-"""LoadedXen on the real Debian xen-syms: load-address arithmetic, names, pointer classes."""
+"""LoadedXen on the real Debian xen-syms: load-address arithmetic, names, pointer classes;
+finding the image in (synthetic) guest memory and checking its build-id."""
+
+import re
+import subprocess
 
 import pytest
 
@@ -7,6 +11,12 @@ from gdbext.core import x86
 from gdbext.core.xenimage import (ABSOLUTE, FOREIGN, NOT_PRESENT, RELOCATED, RELOCATED_TWICE,
                                   UNRELOCATED, LoadedXen, classify_pointer)
 from gdbext.core.xensyms import load_xen_syms
+from gdbext.core import xenimage
+from gdbext.core.memory import SyntheticMemory
+from gdbext.core.xenimage import (MB2_BOOTLOADER_MAGIC, MBI_TAG_LOAD_BASE_ADDR, BuildIdCheck,
+                                  base_from_esi, base_from_mbi, base_from_rip, build_id_in_memory,
+                                  check_build_id, esi_stretch, phys_start_holds, scan,
+                                  scan_candidates, verify_base)
 
 # Any 2 MiB-aligned base works: the arithmetic must not depend on the lab's choice.
 B = 0x12600000
@@ -62,3 +72,179 @@ def test_judge_entry_uses_the_elf_link_value(xen):
 def test_same_entry_ignores_accessed_and_dirty():
     assert LoadedXen.same_entry(0x1063, 0x1003)
     assert not LoadedXen.same_entry(0x1063, 0x1061)
+
+
+# --- finding the image in memory and checking its build-id -------------------------------
+
+RAM = [(0, 0xC0000000)]   # 3 GiB of RAM below 4 GiB, like a 4 GiB PC guest
+
+
+def _guest_with_image(syms, base, ram_size=RAM[0][1]):
+    """Synthetic RAM holding the real xen-syms image bytes at load base ``base``."""
+    mem = SyntheticMemory(ram_size=ram_size)
+    size = syms.image_end - syms.image_start
+    mem.write(base + syms.image_offset, syms.read_linked(syms.image_start, size))
+    return mem
+
+
+@pytest.fixture(scope="module")
+def guest(xen):
+    return _guest_with_image(xen.syms, B)
+
+
+def test_build_id_in_memory_is_the_note_of_the_loaded_image(xen, guest):
+    syms = xen.syms
+    assert build_id_in_memory(guest, syms, B) == syms.build_id
+    check = check_build_id(guest, syms, B)
+    assert check.match is True and check.found == syms.build_id
+    # Nothing at another base: no note there, so no match.
+    other = B + xenimage.base_align(syms)
+    assert build_id_in_memory(guest, syms, other) is None
+    assert check_build_id(guest, syms, other).match is False
+
+
+def test_build_id_note_agrees_with_readelf(xen):
+    syms = xen.syms
+    out = subprocess.run(["readelf", "-n", str(syms.path)], capture_output=True, text=True,
+                         check=True).stdout
+    m = re.search(r"Build ID:\s*([0-9a-f]+)", out)
+    assert m and bytes.fromhex(m.group(1)) == syms.build_id
+    out = subprocess.run(["readelf", "-SW", str(syms.path)], capture_output=True, text=True,
+                         check=True).stdout
+    m = re.search(r"\.note\.gnu\.build-id\s+NOTE\s+([0-9a-f]+)\s+[0-9a-f]+\s+([0-9a-f]+)", out)
+    assert xenimage.build_id_note_span(syms) == (int(m.group(1), 16), int(m.group(2), 16))
+
+
+def test_build_id_mismatch_is_one_line_naming_both_ids(xen, guest):
+    syms = xen.syms
+    va, _size = xenimage.build_id_note_span(syms)
+    altered = SyntheticMemory(ram_size=RAM[0][1], base=guest)
+    desc_pa = B + syms.offset(va) + 16        # 12-byte note header + "GNU\0"
+    altered.write(desc_pa, bytes(b ^ 0xFF for b in guest.read_phys(desc_pa, 4)))
+    check = check_build_id(altered, syms, B)
+    assert check.match is False
+    msg = check.mismatch_message(syms.path, B)
+    assert "\n" not in msg
+    assert syms.build_id.hex() in msg and check.found.hex() in msg
+    assert "xen-ignore-build-id" in msg and "xen-syms PATH" in msg
+
+
+def test_build_id_unreadable_or_absent_is_unknown(xen, guest):
+    syms = xen.syms
+    small = SyntheticMemory(ram_size=B)       # the note's place is not RAM
+    assert check_build_id(small, syms, B).match is None
+    assert BuildIdCheck(None, b"\1", True).match is None
+
+
+def test_verify_base_only_at_the_real_base(xen, guest):
+    syms = xen.syms
+    align = xenimage.base_align(syms)
+    assert align == syms.multiboot2.relocatable.align
+    assert verify_base(guest, syms, B)
+    assert not verify_base(guest, syms, B + align)
+    assert not verify_base(guest, syms, B - align)
+
+
+def test_base_from_rip_at_entry_and_anywhere_in_the_image(xen, guest):
+    syms = xen.syms
+    for sym in ("__efi64_mb2_start", "efi_multiboot2", "trampoline_setup", "_start"):
+        assert base_from_rip(guest, syms, B + syms.offset(sym)) == B, sym
+    assert base_from_rip(guest, syms, B + syms.image_offset - 1) is None
+    assert base_from_rip(guest, syms, 0x1000) is None
+
+
+def test_esi_stretch_starts_after_the_lea_of_image_base(xen):
+    """Derived from the ELF bytes; objdump must show 'lea ...,%esi # <__image_base__>'
+    as the instruction just before the stretch."""
+    syms = xen.syms
+    first, last = esi_stretch(syms)
+    assert last == syms.offset("trampoline_setup")
+    start = syms.linked_va("x86_32_switch")
+    out = subprocess.run(["objdump", "-d", f"--start-address={start:#x}",
+                          f"--stop-address={syms.virt_start + first:#x}", str(syms.path)],
+                         capture_output=True, text=True, check=True).stdout
+    insns = [ln for ln in out.splitlines() if re.match(r"\s*[0-9a-f]+:\s", ln)]
+    assert "lea" in insns[-1] and "%esi" in insns[-1] and "<__image_base__>" in insns[-1]
+
+
+def test_base_from_esi_only_inside_the_stretch(xen, guest):
+    syms = xen.syms
+    first, last = esi_stretch(syms)
+    assert base_from_esi(guest, syms, B + first, B) == B
+    assert base_from_esi(guest, syms, B + last, B) == B
+    assert base_from_esi(guest, syms, B + first - 1, B) is None          # before the lea
+    assert base_from_esi(guest, syms, B + syms.offset("__efi64_mb2_start"), B) is None
+    align = xenimage.base_align(syms)
+    assert base_from_esi(guest, syms, B + first, B + align) is None      # esi is not B
+
+
+def test_xen_phys_start_at_its_pa(xen, guest):
+    syms = xen.syms
+    stored = SyntheticMemory(ram_size=RAM[0][1], base=guest)
+    assert not phys_start_holds(stored, syms, B)            # 0 until trampoline_setup
+    stored.write_u64(syms.pa("xen_phys_start", B), B)
+    assert phys_start_holds(stored, syms, B)
+
+
+def _mbi(tags):
+    body = b""
+    for ttype, payload in tags + [(0, b"")]:
+        tag = ttype.to_bytes(4, "little") + (8 + len(payload)).to_bytes(4, "little") + payload
+        body += tag + bytes(-len(tag) % 8)
+    return (8 + len(body)).to_bytes(4, "little") + bytes(4) + body
+
+
+def test_base_from_mbi_load_base_tag(xen, guest):
+    syms = xen.syms
+    assert MB2_BOOTLOADER_MAGIC == 0x36D76289      # multiboot2 spec
+    mbi_pa = 0x10000
+    mem = SyntheticMemory(ram_size=RAM[0][1], base=guest)
+    start_pa = xen.pa("_start")
+    mem.write(mbi_pa, _mbi([(1, b"xen.gz console=com1\0"),
+                            (MBI_TAG_LOAD_BASE_ADDR, start_pa.to_bytes(4, "little"))]))
+    assert base_from_mbi(mem, syms, mbi_pa) == B
+    mem.write(mbi_pa, _mbi([(1, b"no load base tag\0")]))
+    assert base_from_mbi(mem, syms, mbi_pa) is None
+    align = xenimage.base_align(syms)
+    mem.write(mbi_pa, _mbi([(MBI_TAG_LOAD_BASE_ADDR, (start_pa + align).to_bytes(4, "little"))]))
+    assert base_from_mbi(mem, syms, mbi_pa) is None           # verified, not believed
+
+
+def test_scan_finds_the_image_top_down(xen):
+    syms = xen.syms
+    cands = scan_candidates(syms, RAM)
+    # The RELOCATABLE tag prefers high: the highest base whose image fits comes first.
+    assert cands[0] > cands[-1]
+    assert all(b % xenimage.base_align(syms) == 0 for b in cands)
+    assert all(b + syms.image_offset + syms.load_size() <= RAM[0][1] for b in cands)
+    base = cands[5]
+    mem = _guest_with_image(syms, base)
+    res = scan(mem, syms, RAM)
+    assert res.load_base == base and res.candidates_read == 6
+    full = scan(mem, syms, RAM, stop_at_first=False)
+    assert full.load_base == base and full.candidates_read == len(cands) == full.candidates
+
+
+def test_scan_tells_another_xen_from_none(xen):
+    syms = xen.syms
+    base = scan_candidates(syms, RAM)[3]
+    mem = _guest_with_image(syms, base)
+    # Same header, other code: another build of Xen.
+    mem.write(base + syms.offset("_start") + 0x800, b"\xcc" * 16)
+    res = scan(mem, syms, RAM)
+    assert res.load_base is None and res.header_only == [base]
+    assert res.candidates_read == res.candidates
+    assert scan(SyntheticMemory(ram_size=RAM[0][1]), syms, RAM).header_only == []
+    assert scan(mem, syms, []).candidates == 0
+
+
+def test_scan_skips_candidates_outside_ram(xen):
+    syms = xen.syms
+    ram = [(0, 0x40000000), (0x80000000, 0xA0000000)]
+    cands = scan_candidates(syms, ram)
+    size = syms.load_size()
+    for b in cands:
+        s = b + syms.image_offset
+        assert any(lo <= s and s + size <= hi for lo, hi in ram)
+    assert any(b + syms.image_offset >= 0x80000000 for b in cands)
+    assert not any(0x40000000 <= b + syms.image_offset < 0x80000000 for b in cands)
