@@ -40,10 +40,12 @@ from __future__ import annotations
 
 import bisect
 import struct
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import GdbextError
+from .l4merge import CHECK_IDS, CHECKS_AT_STOP
 
 # -- stop names (the shared contract) ------------------------------------------
 
@@ -71,32 +73,14 @@ LOAD = "load"      # B + offset(instruction)
 LINKED = "linked"  # the ELF's VA
 LOW = "low"        # trampoline_phys + (instruction - trampoline_start)
 
-ALL_CHECKS: Tuple[str, ...] = tuple(f"I{i}" for i in range(14))
+STOP_NAMES = STOP_ORDER
 
-# Which invariants (xen-boot-paging.md) each stop can judge, and why.  With
-# --predict, the entry (and the call of an unpatched build, where CR3 is still
-# the firmware's) judges the predicted merge: every check.
-_LIVE_CHECKS: Dict[str, Tuple[str, ...]] = {
-    # Firmware state; I2: the firmware's upper half, lost by a merge.
-    ENTRY: ("I0", "I2"),
-    # CR3 is the merged L4 now; the l2 fills have not run yet.
-    MERGE: ("I0", "I1", "I2", "I3", "I4", "I12", "I13"),
-    # Everything the call through the high mapping needs.
-    CALL: ("I0", "I1", "I3", "I4", "I5", "I6", "I7", "I8", "I10", "I11", "I12", "I13"),
-    EFI_MB2: ("I0", "I6", "I7"),
-    # The firmware may have added L4 entries during the call.
-    EFI_RETURN: ("I0", "I1"),
-    SWITCH: ("I0",),
-    # 32-bit, paging off: no table is in use; the fix-ups are checked after.
-    TRAMPOLINE_SETUP: (),
-    TABLES_RELOCATED: ("I9",),
-    L2_XENMAP_FILLED: ("I5", "I11"),
-    TRAMPOLINE_CR3: ("I0", "I5", "I9", "I11"),
-    HIGH_START: ("I0", "I9"),
-    START_XEN: ("I0",),
-}
-# Stops where the RFC's merge is still to come on an unpatched build.
-_PREDICT_STOPS = (ENTRY, CALL)
+# Which invariants each stop judges is l4merge's fact (CHECKS_AT_STOP), not
+# repeated here; stops it does not list ("tables relocated", "l2_xenmap
+# filled") report what changed and run no check.  With --predict, the entry
+# (and the call of a build without the merge, where CR3 is still the
+# firmware's) judges the predicted merge: every check.
+ALL_CHECKS: Tuple[str, ...] = CHECK_IDS
 
 
 # -- instruction decoding (just enough, on raw bytes) ------------------------------
@@ -213,7 +197,7 @@ class BootStop:
     kind: str                 # LOAD, LINKED or LOW
     linked_va: int            # the instruction in the ELF
     offset: int               # linked_va - XEN_VIRT_START (B + offset = load address)
-    checks: Tuple[str, ...]   # live checks that apply here
+    checks: Tuple[str, ...]   # the checks that apply here (l4merge.CHECKS_AT_STOP)
     why: str                  # one line: what this stop is for
     low_offset: Optional[int] = None  # LOW: instruction - trampoline_start
 
@@ -259,9 +243,14 @@ class StopPlan:
                 return s
         return None
 
+    def predicts_at(self, stop: BootStop) -> bool:
+        """Whether --predict judges the RFC's merge at ``stop``: at the entry, and at
+        the call of a build without the merge (CR3 is still the firmware's there)."""
+        return stop.name == ENTRY or (stop.name == CALL and not self.patched)
+
     def checks_for(self, stop: BootStop, predict: bool = False) -> Tuple[str, ...]:
         """The checks that apply at ``stop`` (every one for a predicted merge)."""
-        if predict and (stop.name == ENTRY or (stop.name == CALL and not self.patched)):
+        if predict and self.predicts_at(stop):
             return ALL_CHECKS
         return stop.checks
 
@@ -307,15 +296,14 @@ def _next_symbol_va(syms, va: int) -> int:
     return addrs[i] if i < len(addrs) else syms.image_end
 
 
-_ADDR_CACHE: Dict[int, List[int]] = {}
+_ADDR_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _symbol_addrs(syms) -> List[int]:
-    key = id(syms)
-    hit = _ADDR_CACHE.get(key)
+    hit = _ADDR_CACHE.get(syms)
     if hit is None:
         hit = sorted({s.value for s in syms if not s.is_absolute and syms.in_image(s.value)})
-        _ADDR_CACHE[key] = hit
+        _ADDR_CACHE[syms] = hit
     return hit
 
 
@@ -333,7 +321,7 @@ def build_plan(syms) -> StopPlan:
     stops: List[BootStop] = []
 
     def add(name: str, kind: str, va: int, why: str, low_offset: Optional[int] = None):
-        stops.append(BootStop(name, kind, va, syms.offset(va), _LIVE_CHECKS[name], why,
+        stops.append(BootStop(name, kind, va, syms.offset(va), CHECKS_AT_STOP.get(name, ()), why,
                               low_offset))
 
     for needed in (ENTRY, EFI_MB2, SWITCH, TRAMPOLINE_SETUP):
@@ -540,3 +528,82 @@ def select_checks(applicable: Sequence[str], only: Optional[Iterable[str]] = Non
     if bad:
         raise GdbextError(f"unknown check {', '.join(bad)}; checks are I0..I13")
     return [c for c in applicable if (want is None or c in want) and c not in drop]
+
+
+# -- text ------------------------------------------------------------------------------
+
+# How many changed L4 indices a report line lists before "...".
+_L4_SHOWN = 8
+
+
+def changes_text(changes: Mapping[str, object]) -> str:
+    """One line: CR3 old -> new, the L4 entries that differ, Xen's boot tables."""
+    old, new = changes.get("cr3_old"), changes.get("cr3_new")
+    if old is None:
+        cr3 = f"CR3 {new:#x}"
+    elif changes.get("cr3_changed"):
+        cr3 = f"CR3 {old:#x} -> {new:#x}"
+    else:
+        cr3 = f"CR3 {new:#x} (unchanged)"
+    if old is None:
+        return cr3 + " (first stop)"
+    l4 = list(changes.get("l4_changed") or [])
+    if l4:
+        shown = ", ".join(str(i) for i in l4[:_L4_SHOWN]) + (" ..." if len(l4) > _L4_SHOWN else "")
+        l4_text = f"L4 entries changed: {len(l4)} ({shown})"
+    else:
+        l4_text = "L4: no entry changed"
+    per = dict(changes.get("boot_changed") or {})
+    if per:
+        boot = (f"Xen's boot tables: {changes.get('boot_qwords_changed')} qwords changed ("
+                + ", ".join(f"{k} {v}" for k, v in per.items()) + ")")
+    else:
+        boot = "Xen's boot tables: unchanged"
+    return f"{cr3}; {l4_text}; {boot}"
+
+
+def record_text(record: Mapping[str, object], number: int, total: int,
+                load_base: Optional[int]) -> str:
+    """The short report printed at one stop."""
+    base = f", B {load_base:#x}" if load_base is not None else ""
+    lines = [f"xen-mb2-break: [{number}/{total}] {record['stop']}: RIP {record['rip']:#x} = "
+             f"{record['symbol']}{base}",
+             f"  {changes_text(record['changes'])}"]
+    regs = record.get("registers") or {}
+    if "r15" in regs:
+        lines.append(f"  %r15 {regs['r15']:#x}: where x86_32_switch goes next")
+    if "rsi" in regs and record["stop"] == TRAMPOLINE_SETUP:
+        ok = "== B" if load_base is not None and regs["rsi"] & 0xFFFFFFFF == load_base \
+            else "!= B"
+        lines.append(f"  %esi {regs['rsi'] & 0xFFFFFFFF:#x} {ok}")
+    checks = list(record.get("checks") or [])
+    if checks:
+        for c in checks:
+            lines.append(f"  {c.get('id', '?'):<4} {c.get('status', '?'):<4} {c.get('summary', '')}")
+    elif record.get("error") or record.get("note"):
+        lines.append(f"  checks: {record.get('error') or record.get('note')}")
+    else:
+        lines.append("  checks: none apply here")
+    return "\n".join(lines)
+
+
+def summary_text(result: Mapping[str, object]) -> str:
+    """The --batch summary: one row per stop reached, then the verdict."""
+    from tabulate import tabulate
+
+    rows = []
+    for r in result.get("stops") or []:
+        counts = r.get("counts") or {}
+        failed = [c.get("id") for c in r.get("checks") or [] if c.get("status") == "FAIL"]
+        rows.append([r["stop"], f"{r['rip']:#x}", f"{r['cr3']:#x}" if r.get("cr3") is not None
+                     else "-", counts.get("PASS", 0), counts.get("FAIL", 0),
+                     counts.get("WARN", 0), counts.get("SKIP", 0), ", ".join(failed)])
+    table = tabulate(rows, headers=["stop", "RIP", "CR3", "PASS", "FAIL", "WARN", "SKIP",
+                                    "failed"], tablefmt="simple", disable_numparse=True)
+    c = result.get("counts") or {}
+    verdict = (f"{'complete' if result.get('complete') else 'incomplete'}: "
+               f"{len(result.get('reached') or [])} stops, {c.get('PASS', 0)} PASS, "
+               f"{c.get('FAIL', 0)} FAIL, {c.get('WARN', 0)} WARN, {c.get('SKIP', 0)} SKIP")
+    if result.get("error"):
+        verdict += f"; error: {result['error']}"
+    return table + "\n" + verdict

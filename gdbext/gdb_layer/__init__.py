@@ -20,5 +20,6 @@ def install() -> bool:
     XenPrefix()
     paging_cmds.install()
     xen_cmds.install()
+    from . import session_cmds; session_cmds.install()
     _INSTALLED = True
     return True
