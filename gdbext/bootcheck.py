@@ -173,11 +173,16 @@ def mb2_break_command(args: argparse.Namespace) -> str:
 
 
 def planned_stops(args: argparse.Namespace) -> List[str]:
-    """The stops the session will be asked for, in boot order (for the JUnit file)."""
+    """The stops the session will be asked for, in boot order (for the JUnit file):
+    this build's plan (bootstops, decoded from xen-syms) narrowed by --stops and
+    --skip-stops; the contract's names if the plan cannot be made."""
     try:
         from .core import bootstops
-        names = list(getattr(bootstops, "STOP_NAMES", CONTRACT_STOPS))
-    except ImportError:
+        from .core.xensyms import load_xen_syms
+
+        plan = bootstops.build_plan(load_xen_syms(args.xen_syms))
+        return [s.name for s in plan.select(args.stops or None, args.skip_stops or None)]
+    except (GdbextError, ImportError, OSError):
         names = list(CONTRACT_STOPS)
     if args.stops:
         names = [n for n in names if n in args.stops] + [n for n in args.stops if n not in names]

@@ -21,5 +21,6 @@ def install() -> bool:
     paging_cmds.install()
     xen_cmds.install()
     from . import session_cmds; session_cmds.install()
+    from . import walkthrough_cmds; walkthrough_cmds.install()
     _INSTALLED = True
     return True

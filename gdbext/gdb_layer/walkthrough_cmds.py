@@ -1,0 +1,386 @@
+"""xen-walkthrough: a guided tour of Xen's early boot paging, stop by stop.
+
+For someone who knows C but not x86 paging. It runs the ``__efi64_mb2_start``
+session of ``xen-mb2-break`` (``session_cmds.Session``: the same plan and
+breakpoints) and at each stop prints a short lesson (``core.walkthrough``),
+the one walk that matters with every table named, what changed since the last
+stop and the checks made there; at the entry it compares the RFC's predicted
+merge with the relocated one. It writes an SVG of the tree per stop with
+``xen-diagram``'s ``write_diagram`` (``--svg-dir``) and waits for Enter between
+stops (``--no-wait`` runs straight through). Nothing is written to the guest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import gdb
+
+from ..core import bootstops as bs
+from ..core import paging, render, x86
+from ..core import walkthrough as wt
+from ..core.errors import GdbextError
+from ..core.xenimage import LoadedXen
+from . import xen_cmds
+from .backend import target
+from .command import CommandParser, XenCommand, add_json_option
+from .paging_cmds import maxphyaddr
+
+# The checks that decide whether the call at the linked address can work; the
+# entry shows their verdicts for the raw and the relocated prediction.
+PROMPT = "-- Enter: next stop; q: end the walkthrough here -- "
+
+
+def _session_args(timeout: float) -> argparse.Namespace:
+    """What session_cmds.Session reads from xen-mb2-break's parser: every stop, the
+    live checks of each stop, no prediction (the entry's comparison is ours)."""
+    return argparse.Namespace(stops=[], skip_stops=[], only=[], skip=[], predict=False,
+                              assume_relocated=False, keep_going=True, timeout=timeout,
+                              json=False, color=False, batch=False)
+
+
+def _session_module():
+    try:
+        from . import session_cmds
+    except ImportError:
+        raise GdbextError("xen-walkthrough needs xen-mb2-break (gdbext.gdb_layer.session_cmds), "
+                          "which this tree does not have") from None
+    return session_cmds
+
+
+def _start(session, timeout: float) -> Optional[dict]:
+    """Run to the entry (unless there), record it, plant the other stops."""
+    if hasattr(session, "start"):
+        return session.start(timeout)
+    entry = session.plan.stops[0]
+    try:
+        rip = target().read_register("rip")
+    except GdbextError:
+        rip = None
+    base = xen_cmds.STATE.load_base
+    if base is None or rip != entry.address(base):
+        xen_cmds.run_to(bs.ENTRY, timeout)
+    session.load_base = xen_cmds.STATE.load_base
+    session.xen = LoadedXen(session.syms, session.load_base)
+    target().invalidate()
+    record = session.at_stop(target().read_register("rip"))
+    if record is None:
+        raise GdbextError("xen-walkthrough: stopped at __efi64_mb2_start's address but the "
+                          "bytes there are not this xen-syms' (wrong xen-syms?)")
+    session.plant()
+    return record
+
+
+def _next(session, timeout: float) -> dict:
+    """Continue to the next planned stop and return its record."""
+    if hasattr(session, "next_stop"):
+        return session.next_stop(timeout)
+    done = {r["stop"] for r in session.records}
+    waiting_for = next((s.name for s in session.selected if s.name not in done), "the next stop")
+    while True:
+        rip = xen_cmds._continue(time.monotonic() + timeout, waiting_for)
+        if session.stop_for(rip) is None:
+            raise GdbextError(f"stopped at {rip:#x} while waiting for {waiting_for}: not a "
+                              "stop of the walkthrough (your own breakpoint?)")
+        record = session.at_stop(rip)
+        if record is not None:
+            return record
+
+
+# -- the walks -----------------------------------------------------------------------------
+
+
+def _four_level(regs: Dict[str, int]) -> paging.PagingContext:
+    """The context the CPU uses once long mode is on (for tables read while paging is off)."""
+    return paging.PagingContext(paging.MODES["4-level"], nxe=True,
+                                wp=bool(regs.get("cr0", 0) & x86.CR0_WP), maxphyaddr=maxphyaddr())
+
+
+def _cpu_context(regs: Dict[str, int]) -> Optional[paging.PagingContext]:
+    ctx = paging.PagingContext.from_registers(regs["cr0"], regs["cr4"], regs["efer"],
+                                              maxphyaddr=maxphyaddr())
+    return None if ctx.mode is paging.MODE_OFF else ctx
+
+
+def stop_walk(xen: LoadedXen, plan, lesson: wt.Lesson, regs: Dict[str, int]):
+    """(walk, title, names) for the lesson's walk at this stop, or None with a reason."""
+    syms = xen.syms
+    linked = syms.linked_va(wt.CALL_TARGET)
+    ctx = _cpu_context(regs)
+    cr3_root = regs["cr3"] & x86.phys_addr_mask(maxphyaddr()) & ~0xFFF
+    if lesson.walk == wt.WALK_TARGET_IDLE:
+        root, va, ctx = xen.pa("idle_pg_table"), linked, _four_level(regs)
+    elif lesson.walk == wt.WALK_TARGET_CR3:
+        root, va, ctx = cr3_root, linked, ctx or _four_level(regs)
+    elif lesson.walk == wt.WALK_CALL:
+        if ctx is None:
+            return None, "paging is off"
+        va = linked if plan.patched else xen.pa(wt.CALL_TARGET)
+        root = ctx.root_from_cr3(regs["cr3"])
+    else:
+        if ctx is None:
+            return None, "paging is off: RIP is a physical address"
+        root, va = ctx.root_from_cr3(regs["cr3"]), regs["rip"]
+    w = paging.walk(ctx, target().cache, root, va)
+    return w, None
+
+
+def _changes_text(changes: Dict[str, object]) -> List[str]:
+    out = []
+    if changes.get("cr3_old") is None:
+        return out
+    if changes.get("cr3_changed"):
+        out.append(f"CR3 changed: {changes['cr3_old']:#x} -> {changes['cr3_new']:#x}")
+    slots = changes.get("l4_changed") or []
+    if slots:
+        shown = ", ".join(str(s) for s in slots[:12]) + (" ..." if len(slots) > 12 else "")
+        out.append(f"L4 slots that differ from the last stop's L4: {shown}")
+    per = changes.get("boot_changed") or {}
+    if per:
+        out.append("Xen's boot tables changed in memory: "
+                   + ", ".join(f"{name} {n} entr{'y' if n == 1 else 'ies'}"
+                               for name, n in per.items()))
+    if not out:
+        out.append("nothing changed in CR3 or the tables since the last stop")
+    return out
+
+
+def _checks_text(checks: List[dict]) -> Optional[str]:
+    if not checks:
+        return None
+    return "checks here: " + ", ".join(f"{c['id']} {c['status']}" for c in checks)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]+", "-", name).strip("-")
+
+
+# -- the entry's comparison -------------------------------------------------------------------
+
+
+def entry_comparison(xen: LoadedXen, regs: Dict[str, int]) -> dict:
+    """The RFC's raw merge vs the relocated one, predicted from the firmware's CR3."""
+    from ..core import l4merge
+
+    ctx = _cpu_context(regs)
+    firmware_root = ctx.root_from_cr3(regs["cr3"])
+    linked = xen.syms.linked_va(wt.CALL_TARGET)
+    cache = target().cache
+    walks = []
+    for relocate, label in ((False, wt.RAW_LABEL), (True, wt.RELOCATED_LABEL)):
+        pred = l4merge.predict_merge(xen.syms, cache, xen.load_base, firmware_root,
+                                     relocate=relocate)
+        walks.append(wt.merge_walk(xen, ctx, pred.mem, pred.root, linked,
+                                   f"{label}, in {pred.table_source}"))
+    verdicts = {}
+    try:
+        from . import merge_cmds
+        for relocate in (False, True):
+            res = merge_cmds.check_here(stop=bs.ENTRY, predict=True, assume_relocated=relocate,
+                                        only=list(l4merge.CALL_CHECKS), skip=None)
+            verdicts["relocated" if relocate else "raw"] = [
+                {"id": c["id"], "status": c["status"], "summary": c["summary"]}
+                for c in res.get("checks") or []]
+    except (ImportError, AttributeError, GdbextError) as err:
+        verdicts["error"] = str(err)
+    return {"linked_va": linked, "raw": walks[0], "relocated": walks[1], "verdicts": verdicts}
+
+
+def comparison_text(xen: LoadedXen, comp: dict) -> str:
+    raw, rel = comp["raw"], comp["relocated"]
+    parts = ["-- The RFC's merged L4, predicted: raw copy vs relocated copy",
+             wt.wrap(wt.COMPARISON_TEXT.format(slot=raw.slot)), "",
+             f"efi_multiboot2's linked address {comp['linked_va']:#x} through {raw.label}:",
+             wt.walk_text(xen, raw.walk, {raw.root: raw.label}), "",
+             f"The same address through {rel.label}:",
+             wt.walk_text(xen, rel.walk, {rel.root: rel.label}), "",
+             wt.comparison_table(xen, raw, rel)]
+    verdicts = comp["verdicts"]
+    for key, title in (("raw", "xen-l4merge-check --predict"),
+                       ("relocated", "xen-l4merge-check --predict --assume-relocated")):
+        if key in verdicts:
+            failed = [c for c in verdicts[key] if c["status"] == "FAIL"]
+            line = f"{title} (the call's checks): " + ", ".join(
+                f"{c['id']} {c['status']}" for c in verdicts[key])
+            parts.append("")
+            parts.append(line)
+            for c in failed:
+                parts.append(f"  {c['id']} FAIL: {c['summary']}")
+    return "\n".join(parts)
+
+
+def comparison_dict(xen: LoadedXen, comp: dict) -> dict:
+    linked = comp["linked_va"]
+    title = f"efi_multiboot2 {linked:#x}"
+    return {"linked_va": linked,
+            "raw": comp["raw"].as_dict(xen, title),
+            "relocated": comp["relocated"].as_dict(xen, title),
+            "verdicts": comp["verdicts"]}
+
+
+# -- diagrams ----------------------------------------------------------------------------------
+
+
+def _write_svg(svg_dir: Path, number: int, stop: str, xen: LoadedXen,
+               regs: Dict[str, int]) -> Optional[str]:
+    try:
+        from .diagram_cmds import write_diagram
+    except ImportError:
+        return None
+    path = svg_dir / f"{number:02d}-{_slug(stop)}.svg"
+    paging_on = bool(regs["cr0"] & x86.CR0_PG)
+    title = f"{stop}: {wt.lesson(stop).title}"
+    kwargs = {"title": title}
+    if stop == bs.ENTRY:
+        kwargs["compare"] = True          # firmware, raw merge, relocated merge
+    elif stop in (bs.TRAMPOLINE_SETUP, bs.TABLES_RELOCATED, bs.L2_XENMAP_FILLED):
+        kwargs.update(root=f"{xen.pa('idle_pg_table'):#x}", mode="4-level")
+    elif not paging_on:
+        kwargs["mode"] = "4-level"        # CR3 is loaded, paging not yet on
+    write_diagram(svg=str(path), **kwargs)
+    return str(path)
+
+
+# -- the command -------------------------------------------------------------------------------
+
+
+def _wait(no_wait: bool, from_tty: bool) -> bool:
+    """Wait for Enter; False if the user wants to stop here."""
+    if no_wait or not from_tty or not sys.stdin.isatty():
+        return True
+    try:
+        answer = input(PROMPT)
+    except EOFError:
+        return True
+    return answer.strip().lower() not in ("q", "quit")
+
+
+class WalkthroughCommand(XenCommand):
+    name = "walkthrough"
+    summary = ("A guided tour of Xen's boot paging around __efi64_mb2_start: at each stop, "
+               "what the CPU is doing, what the tables hold, and the walk that matters.")
+
+    def make_parser(self) -> CommandParser:
+        p = CommandParser(
+            description=self.summary + " For C programmers new to x86 paging. Runs the "
+            "xen-mb2-break session (from reset or wherever the guest is, before "
+            "__efi64_mb2_start) and stops at: " + ", ".join(bs.STOP_ORDER) + " (those this "
+            "build has). Nothing is written to the guest. Needs 'xen-syms' first.",
+            epilog="Examples: xen-walkthrough;  xen-walkthrough --no-wait --svg-dir /tmp/wt")
+        p.add_argument("--no-wait", action="store_true",
+                       help="run straight through instead of waiting for Enter at each stop")
+        p.add_argument("--svg-dir", type=Path, metavar="DIR",
+                       help="write a diagram of the tables at each stop as DIR/NN-STOP.svg")
+        p.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                       help="the longest each wait for the next stop may take (default 120)")
+        add_json_option(p)
+        return p
+
+    def run(self, args, from_tty):
+        if args.timeout <= 0:
+            raise GdbextError(f"xen-walkthrough: --timeout {args.timeout:g}: give seconds > 0")
+        syms = xen_cmds.require_syms()
+        if args.svg_dir is not None:
+            try:
+                args.svg_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise GdbextError(f"xen-walkthrough: cannot create --svg-dir {args.svg_dir}: "
+                                  f"{e.strerror or e}") from None
+        session_cmds = _session_module()
+        session = session_cmds.Session(syms, _session_args(args.timeout))
+        total = len(session.selected)
+        out: Dict[str, object] = {"load_base": None, "patched": session.plan.patched,
+                                  "stops": [], "complete": False, "error": None,
+                                  "notes": list(session.plan.notes)}
+        emit = (lambda text: None) if args.json else (lambda text: (gdb.write(text + "\n"),
+                                                                     gdb.flush()))
+        if not args.json:
+            emit(f"xen-walkthrough: {total} stops on this build: "
+                 + ", ".join(s.name for s in session.selected))
+            for note in session.plan.notes:
+                emit(f"  note: {note}")
+        try:
+            record = _start(session, args.timeout)
+            out["load_base"] = session.load_base
+            number = 1
+            while True:
+                stop_out = self._teach(session, record, number, total, args, emit)
+                out["stops"].append(stop_out)
+                if record["stop"] == session.selected[-1].name:
+                    out["complete"] = True
+                    break
+                if not _wait(args.no_wait or args.json, from_tty):
+                    emit("xen-walkthrough: ended here; the guest stays stopped")
+                    break
+                record = _next(session, args.timeout)
+                number += 1
+        except GdbextError as err:
+            out["error"] = str(err)
+            if not args.json:
+                raise
+        finally:
+            session.finish()
+        if args.json:
+            gdb.write(render.to_json(out) + "\n")
+            if out["error"]:
+                raise GdbextError(f"xen-walkthrough: {out['error']}")
+        elif out["complete"]:
+            emit(f"xen-walkthrough: done, {len(out['stops'])} stops; Xen is stopped at "
+                 f"{session.selected[-1].name}")
+
+    def _teach(self, session, record: dict, number: int, total: int, args, emit) -> dict:
+        xen: LoadedXen = session.xen
+        stop = record["stop"]
+        lesson = wt.lesson(stop)
+        regs = dict(record.get("registers") or {})
+        for name in ("cr0", "cr3", "cr4", "efer", "rip"):
+            if name not in regs:
+                regs[name] = target().read_register(name)
+        item: Dict[str, object] = {"stop": stop, "title": lesson.title, "rip": record["rip"],
+                                   "cr3": regs["cr3"], "paging": bool(regs["cr0"] & x86.CR0_PG),
+                                   "where": record.get("where"), "lesson": lesson.text,
+                                   "walk": None, "changes": record.get("changes"),
+                                   "checks": [{"id": c["id"], "status": c["status"],
+                                               "summary": c["summary"]}
+                                              for c in record.get("checks") or []],
+                                   "svg": None}
+        emit("")
+        emit(wt.stop_header(number, total, stop, record["rip"], regs["cr3"], regs["cr0"],
+                            record.get("symbol") or record.get("where")))
+        emit(wt.wrap(lesson.text))
+        with target().phys_mode():
+            w, why = stop_walk(xen, session.plan, lesson, regs)
+            emit("")
+            emit(f"-- {lesson.walk_title}")
+            if w is None:
+                emit(f"(no walk: {why})")
+            else:
+                emit(wt.walk_text(xen, w))
+                item["walk"] = wt.walk_record(xen, w, lesson.walk_title)
+            if stop == bs.ENTRY:
+                comp = entry_comparison(xen, regs)
+                emit("")
+                emit(comparison_text(xen, comp))
+                item["comparison"] = comparison_dict(xen, comp)
+        changes = _changes_text(record.get("changes") or {})
+        checks = _checks_text(record.get("checks") or [])
+        if changes or checks:
+            emit("")
+        for line in changes:
+            emit(line)
+        if checks:
+            emit(checks)
+        if args.svg_dir is not None:
+            item["svg"] = _write_svg(args.svg_dir, number, stop, xen, regs)
+            if item["svg"]:
+                emit(f"diagram: {item['svg']}")
+        return item
+
+
+def install() -> None:
+    WalkthroughCommand()
