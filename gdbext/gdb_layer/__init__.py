@@ -21,6 +21,7 @@ def install() -> bool:
     paging_cmds.install()
     xen_cmds.install()
     from . import session_cmds; session_cmds.install()
+    from . import diagram_cmds; diagram_cmds.install()
     from . import walkthrough_cmds; walkthrough_cmds.install()
     _INSTALLED = True
     return True
