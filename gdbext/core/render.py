@@ -46,12 +46,22 @@ def range_dict(r: Range) -> Dict[str, object]:
     return d
 
 
-def ranges_json(en: Enumeration, ranges: Sequence[Range], truncated: int = 0) -> str:
+def ranges_json(en: Enumeration, ranges: Sequence[Range], truncated: int = 0,
+                namer: Optional[Namer] = None, extra: Optional[Dict[str, object]] = None) -> str:
+    """``namer`` adds a "maps" key to each range (what its PA start is); ``extra``
+    adds top-level keys (e.g. the load base the names were computed at)."""
+    def one(r: Range) -> Dict[str, object]:
+        d = range_dict(r)
+        if namer is not None:
+            d["maps"] = namer(r[2])
+        return d
+
     return to_json({
         "root": en.root, "mode": en.mode,
-        "ranges": [range_dict(r) for r in ranges],
+        "ranges": [one(r) for r in ranges],
         "notes": [n.as_dict() for n in en.notes],
         "truncated": truncated,
+        **(extra or {}),
     })
 
 
@@ -90,12 +100,18 @@ def entry_text(e: EntryInfo) -> str:
     return text
 
 
-def walk_text(w: Walk, namer: Optional[Namer] = None) -> str:
-    """Xen's show_page_walk() layout, one line per level, then the result."""
+def walk_text(w: Walk, namer: Optional[Namer] = None,
+              entry_note: Optional[Callable[[object], Optional[str]]] = None) -> str:
+    """Xen's show_page_walk() layout, one line per level, then the result.
+
+    ``namer`` names table pages and the final PA; ``entry_note(step)`` may add a
+    word about the entry itself (e.g. how a pointer from a Xen table was relocated)."""
     lines = [f"Pagetable walk from {w.va:016x} ({w.mode}, root {w.root:#x}):"]
     for s in w.steps:
         name = namer(s.table_pa) if namer else None
         where = f"  [{name}]" if name else ""
+        note = entry_note(s) if entry_note else None
+        where += f"  ({note})" if note else ""
         lines.append(f" L{s.level}[{s.index:#05x}] = {hex16(s.entry.raw)}  "
                      f"{entry_text(s.entry)}{where}")
     if w.mapped:

@@ -1,4 +1,10 @@
-"""xen-regs, xen-pt, xen-va2pa, xen-pa2va: the paging commands."""
+"""xen-regs, xen-pt, xen-va2pa, xen-pa2va: the paging commands.
+
+Addresses are parsed by addresses.parse_address (Xen symbols, SYMBOL@pa, GDB
+expressions). When xen-syms is loaded and B is known (and the build-id
+matches), the output names Xen's objects: table pages, the target of each
+range, and how each pointer read from a Xen boot table was relocated.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,13 @@ from typing import Dict, List, Optional
 
 import gdb
 
-from ..core import paging, render, x86
+from ..core import paging, render, x86, xenimage
 from ..core.errors import GdbextError
 from ..core.paging import ATTR_NX, ATTR_U, ATTR_W, MODES, PagingContext
+from . import xen_cmds
+from .addresses import SYNTAX_HELP, parse_address
 from .backend import target
-from .command import CommandParser, XenCommand, add_json_option, eval_int, parse_int, use_color
+from .command import CommandParser, XenCommand, add_json_option, parse_int, use_color
 
 CONTROL_REGISTERS = ("cr0", "cr3", "cr4", "efer")
 
@@ -62,8 +70,8 @@ def read_control_registers() -> Dict[str, int]:
 
 def add_root_options(p: CommandParser) -> None:
     p.add_argument("--root", default="cr3", metavar="ROOT",
-                   help="top-level table: 'cr3' (default), or a physical address or GDB "
-                        "expression giving one")
+                   help="top-level table: 'cr3' (default), or its physical address: a GDB "
+                        "expression, or SYMBOL@pa (e.g. idle_pg_table@pa)")
     p.add_argument("--mode", choices=sorted(m for m in MODES if m != "off"),
                    help="paging mode to interpret ROOT in (default: the CPU's, from CR0, CR4 "
                         "and EFER.LMA)")
@@ -83,7 +91,7 @@ def situation(args: argparse.Namespace) -> Situation:
                           "and --root to read a table anyway")
     if args.root == "cr3":
         return Situation(regs, ctx, ctx.root_from_cr3(regs["cr3"]), "cr3")
-    root = eval_int(args.root, "root table")
+    root = parse_address(args.root, "root table", space="pa")
     align = 32 if ctx.mode is paging.MODE_PAE else x86.PAGE_SIZE
     if root & (align - 1):
         raise GdbextError(f"root table {root:#x} is not {align}-byte aligned (low bits "
@@ -170,11 +178,15 @@ class PtCommand(XenCommand):
         p = CommandParser(
             description=self.summary + " Ranges are contiguous in VA and PA with the same "
             "effective permissions (combined across levels) and page attributes.",
-            epilog="Examples: xen-pt; xen-pt --range 0xffff82d040000000 0xffff82d040800000; "
-                   "xen-pt --wx --json; xen-pt --root 0x3f801000 --levels")
+            epilog="With xen-syms loaded and the load base known, a 'maps' column (JSON key) "
+                   "names the Xen object at each range's PA, and --levels names Xen's table "
+                   "pages. Examples: xen-pt; xen-pt --range 0xffff82d040000000 "
+                   "0xffff82d040800000; xen-pt --range _start _end; xen-pt --wx --json; "
+                   "xen-pt --root idle_pg_table@pa --levels")
         add_root_options(p)
         p.add_argument("--range", nargs=2, metavar=("LO", "HI"),
-                       help="only VAs in [LO, HI): GDB expressions; tables outside are not read")
+                       help="only VAs in [LO, HI); tables outside are not read. LO, HI: "
+                            + SYNTAX_HELP)
         p.add_argument("--writable", action="store_true", help="only writable ranges")
         p.add_argument("--exec", action="store_true", help="only executable ranges")
         p.add_argument("--wx", action="store_true", help="only writable and executable ranges")
@@ -195,11 +207,13 @@ class PtCommand(XenCommand):
             sit = situation(args)
             lo = hi = None
             if args.range:
-                lo = eval_int(args.range[0], "range start")
-                hi = eval_int(args.range[1], "range end")
+                lo = parse_address(args.range[0], "range start")
+                hi = parse_address(args.range[1], "range end")
+            loaded, xen_note = xen_cmds.loaded_or_note()
+            namer = loaded.name_pa if loaded is not None else None
             if args.levels:
-                text = tree_text(sit, t.cache, lo, hi)
-                _emit(text, from_tty)
+                text = tree_text(sit, t.cache, lo, hi, namer)
+                _emit(text + (f"\n({xen_note})" if xen_note else ""), from_tty)
                 return
             en = paging.enumerate_ranges(sit.ctx, t.cache, sit.root, lo, hi,
                                          follow_cycles=not args.no_follow_cycles)
@@ -209,20 +223,51 @@ class PtCommand(XenCommand):
             truncated = len(ranges) - args.limit
             ranges = ranges[:args.limit]
         if args.json:
-            gdb.write(render.ranges_json(en, ranges, truncated) + "\n")
+            gdb.write(render.ranges_json(en, ranges, truncated, namer,
+                                         _xen_keys(loaded, xen_note)) + "\n")
             return
-        head = (f"{sit.ctx.mode.name} paging, root {sit.root:#x} ({sit.root_source}): "
+        root_name = f" = {namer(sit.root)}" if namer and namer(sit.root) else ""
+        head = (f"{sit.ctx.mode.name} paging, root {sit.root:#x}{root_name} ({sit.root_source}): "
                 f"{len(en.ranges)} ranges, {len(en.tables)} tables")
-        parts = [head, render.ranges_table(ranges)]
+        parts = [head, render.ranges_table(ranges, namer)]
         if truncated:
             parts.append(f"... {truncated} more ranges (raise --limit, or 0 for all)")
         parts.extend(render.notes_text(en.notes))
+        if xen_note:
+            parts.append(f"({xen_note})")
         _emit("\n".join(parts), from_tty)
 
 
-def tree_text(sit: Situation, cache, lo: Optional[int], hi: Optional[int]) -> str:
-    rows = paging.tree_rows(sit.ctx, cache, sit.root, lo, hi)
+def tree_text(sit: Situation, cache, lo: Optional[int], hi: Optional[int], namer=None) -> str:
+    rows = paging.tree_rows(sit.ctx, cache, sit.root, lo, hi, namer=namer)
     return "\n".join(rows)
+
+
+def _xen_keys(loaded, xen_note: Optional[str]) -> Dict[str, object]:
+    """Top-level JSON keys saying what the Xen names were computed from."""
+    return {"load_base": loaded.load_base if loaded is not None else None,
+            "xen_note": xen_note}
+
+
+def judge_step(loaded, step) -> Optional[xenimage.EntryVerdict]:
+    """How a present entry read from one of Xen's boot tables compares with its link value."""
+    if loaded is None or not step.entry.present:
+        return None
+    hit = loaded.table_at(step.entry_pa)
+    if hit is None:
+        return None
+    name, _level, offset = hit
+    return loaded.judge_entry(name, offset // 8, step.entry.raw)
+
+
+def verdict_text(v: xenimage.EntryVerdict) -> str:
+    if v.kind == xenimage.RELOCATED:
+        return "relocated"
+    if v.kind == xenimage.ABSOLUTE:
+        return "absolute, as linked"
+    if v.kind == xenimage.FOREIGN and not v.link:
+        return "written at run time: link value 0"
+    return f"{v.kind}: points at {v.target_pa:#x}, relocated once would be {v.expected_pa:#x}"
 
 
 class Va2paCommand(XenCommand):
@@ -232,9 +277,15 @@ class Va2paCommand(XenCommand):
     def make_parser(self) -> CommandParser:
         p = CommandParser(description=self.summary + " The layout follows Xen's "
                           "show_page_walk(): one 'L4[0x105] = <entry>' line per level.",
-                          epilog="Examples: xen-va2pa $pc; xen-va2pa 0xffff82d0403e6980 --json")
+                          epilog="With xen-syms loaded and the load base known, each level's "
+                                 "table page is named ([idle_pg_table]), each pointer read from "
+                                 "a Xen boot table is classified (relocated, unrelocated, "
+                                 "relocated-twice, foreign) and the final PA is named; --json "
+                                 "adds table_name and pointer to each level and pa_name. "
+                                 "Examples: xen-va2pa $pc; xen-va2pa efi_multiboot2; xen-va2pa "
+                                 "efi_multiboot2@pa --json")
         p.add_argument("address", nargs="+", metavar="ADDR",
-                       help="a GDB expression for the virtual address")
+                       help="the virtual address: " + SYNTAX_HELP)
         add_root_options(p)
         add_json_option(p)
         return p
@@ -244,12 +295,23 @@ class Va2paCommand(XenCommand):
         expr = " ".join(args.address)
         with t.phys_mode():
             sit = situation(args)
-            va = eval_int(expr, "address")
+            va = parse_address(expr, "address")
             w = paging.walk(sit.ctx, t.cache, sit.root, va)
+            loaded, xen_note = xen_cmds.loaded_or_note()
+            verdicts = [judge_step(loaded, step) for step in w.steps]
+        namer = loaded.name_pa if loaded is not None else None
         if args.json:
-            gdb.write(render.to_json(render.walk_dict(w)) + "\n")
-        else:
-            _emit(render.walk_text(w), from_tty)
+            d = render.walk_dict(w)
+            for level, step, v in zip(d["levels"], w.steps, verdicts):
+                level["table_name"] = namer(step.table_pa) if namer else None
+                level["pointer"] = v.as_dict() if v is not None else None
+            d["pa_name"] = namer(w.pa) if namer and w.mapped else None
+            d.update(_xen_keys(loaded, xen_note))
+            gdb.write(render.to_json(d) + "\n")
+            return
+        notes = {id(step): verdict_text(v) for step, v in zip(w.steps, verdicts) if v}
+        text = render.walk_text(w, namer, lambda step: notes.get(id(step)))
+        _emit(text + (f"\n({xen_note})" if xen_note else ""), from_tty)
 
 
 class Pa2vaCommand(XenCommand):
@@ -258,8 +320,10 @@ class Pa2vaCommand(XenCommand):
 
     def make_parser(self) -> CommandParser:
         p = CommandParser(description=self.summary,
-                          epilog="Example: xen-pa2va 0x3d800000")
-        p.add_argument("address", nargs="+", metavar="PA", help="a GDB expression")
+                          epilog="Examples: xen-pa2va 0x3d800000; xen-pa2va efi_multiboot2@pa")
+        p.add_argument("address", nargs="+", metavar="PA",
+                       help="a GDB expression, or SYMBOL@pa for a Xen symbol's physical "
+                            "address at the load address")
         add_root_options(p)
         add_json_option(p)
         return p
@@ -268,7 +332,7 @@ class Pa2vaCommand(XenCommand):
         t = target()
         with t.phys_mode():
             sit = situation(args)
-            pa = eval_int(" ".join(args.address), "physical address")
+            pa = parse_address(" ".join(args.address), "physical address", space="pa")
             en = paging.enumerate_ranges(sit.ctx, t.cache, sit.root)
         hits = paging.pa_to_vas(en.ranges, pa)
         if args.json:

@@ -1,0 +1,83 @@
+"""The one parser for addresses given to gdbext's commands and functions.
+
+* ``SYMBOL`` or ``SYMBOL+OFF`` / ``SYMBOL-OFF`` naming a symbol of the loaded
+  xen-syms: its linked virtual address (where it runs after ``__high_start``).
+  Locals may be qualified as Xen's .map writes them: ``head.o#trampoline_setup``.
+* ``SYMBOL@pa`` (or ``SYMBOL+OFF@pa``): its physical address in the image at
+  the load address B (PA = B + offset from ``__image_base__``).
+* Anything else: a GDB expression (``$pc``, ``0x3d800000``, ``$rsp + 8``).
+
+Xen's names are tried first, so ``efi_multiboot2`` means the same whether or
+not GDB has Xen's symbols (at either address). Where a physical address is
+wanted, a bare Xen symbol is refused with a hint: it is a virtual address.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional, Tuple
+
+from ..core.errors import GdbextError
+from . import xen_cmds
+from .command import eval_int
+
+SYNTAX_HELP = ("a GDB expression, or a Xen symbol from xen-syms: 'efi_multiboot2' or "
+               "'efi_multiboot2+0x10' is its linked virtual address, 'efi_multiboot2@pa' its "
+               "physical address at the load address B")
+
+PA_SUFFIX = "@pa"
+
+_XEN_ADDRESS = re.compile(
+    r"^\s*(?P<name>(?:[\w./-]+#)?[A-Za-z_.][\w.]*)"
+    r"\s*(?:(?P<sign>[+-])\s*(?P<off>0[xX][0-9a-fA-F]+|\d+))?"
+    r"\s*(?P<pa>@pa)?\s*$")
+
+
+def split_xen_address(text: str) -> Optional[Tuple[str, int, bool]]:
+    """(symbol, offset, at_pa) if ``text`` has the SYMBOL[+OFF][@pa] shape, else None."""
+    m = _XEN_ADDRESS.match(text)
+    if m is None:
+        return None
+    off = int(m.group("off"), 0) if m.group("off") else 0
+    if m.group("sign") == "-":
+        off = -off
+    return m.group("name"), off, bool(m.group("pa"))
+
+
+def xen_address(text: str, what: str = "address") -> Optional[Tuple[int, bool]]:
+    """(value, is_pa) if ``text`` names a Xen symbol; None if it is not one."""
+    parts = split_xen_address(text)
+    if parts is None:
+        if text.strip().endswith(PA_SUFFIX):
+            raise GdbextError(f"{what} '{text.strip()}': '@pa' follows a Xen symbol only "
+                              "(SYMBOL@pa or SYMBOL+0x10@pa)")
+        return None
+    name, off, at_pa = parts
+    syms = xen_cmds.STATE.syms
+    if syms is None or name not in syms:
+        if at_pa:
+            where = "no Xen symbols are loaded (xen-syms PATH)" if syms is None else \
+                f"no symbol {name!r} in {syms.path}"
+            raise GdbextError(f"{what} '{text.strip()}': {where}")
+        return None
+    va = syms.linked_va(name) + off
+    if not at_pa:
+        return va, False
+    loaded = xen_cmds.require_loaded()
+    if not loaded.syms.in_image(va):
+        raise GdbextError(f"{what} '{text.strip()}': {va:#x} is outside Xen's image, so it "
+                          "has no physical address at the load address")
+    return loaded.pa(va), True
+
+
+def parse_address(text: str, what: str = "address", space: str = "va") -> int:
+    """An address typed by the user (see the module doc). ``space`` is what the
+    command wants: "va" (a virtual address) or "pa" (a physical one)."""
+    hit = xen_address(text, what)
+    if hit is None:
+        return eval_int(text, what)
+    value, is_pa = hit
+    if space == "pa" and not is_pa:
+        raise GdbextError(f"{what} '{text.strip()}' is a Xen symbol, i.e. a linked virtual "
+                          f"address: write '{text.strip()}@pa' for its physical address")
+    return value
