@@ -73,7 +73,7 @@ LOAD = "load"      # B + offset(instruction)
 LINKED = "linked"  # the ELF's VA
 LOW = "low"        # trampoline_phys + (instruction - trampoline_start)
 
-STOP_NAMES = STOP_ORDER
+STOP_NAMES = STOP_ORDER  # the name xen-boot-check reads
 
 # Which invariants each stop judges is l4merge's fact (CHECKS_AT_STOP), not
 # repeated here; stops it does not list ("tables relocated", "l2_xenmap
@@ -91,7 +91,6 @@ CALL_RAX = b"\xff\xd0"          # call *%rax
 CALL_REL32 = 0xE8               # call rel32
 MOV_IMM32_EAX = 0xB8            # mov $imm32,%eax
 LEA_ESI_DISP32_EAX = b"\x8d\x86"  # lea disp32(%esi),%eax
-LEA_ESI_DISP32_EDI = b"\x8d\xbe"  # lea disp32(%esi),%edi
 MOV_EAX_SIB_DISP32 = b"\x89\x84"  # mov %eax,disp32(base,index,scale)
 # How far after the idle_pg_table immediate the CR3 load may be (one add between).
 _CR3_LOAD_WINDOW = 16
@@ -270,8 +269,7 @@ class StopPlan:
             raise GdbextError(
                 f"stop {', '.join(repr(m) for m in missing)} is not in this build's plan "
                 f"({'; '.join(self.notes) or 'not found by decoding'})")
-        out = [s for s in self.stops if (want is None or s.name in want) and s.name not in drop]
-        return out
+        return [s for s in self.stops if (want is None or s.name in want) and s.name not in drop]
 
     def as_dict(self, load_base: Optional[int] = None,
                 trampoline_phys: Optional[int] = None) -> Dict[str, object]:
@@ -330,7 +328,8 @@ def build_plan(syms) -> StopPlan:
                               "(xen-mb2-break needs xen-syms of such a build)")
     entry_va, entry_code = _code(syms, ENTRY)
     efi_va = syms.linked_va(EFI_MB2)
-    add(ENTRY, LOAD, entry_va, "Xen's multiboot2+EFI entry: derive B, snapshot the firmware's tables")
+    add(ENTRY, LOAD, entry_va,
+        "Xen's multiboot2+EFI entry: derive B, snapshot the firmware's tables")
 
     merge = find_merge(entry_code, entry_va)
     if merge is not None:
@@ -366,12 +365,11 @@ def build_plan(syms) -> StopPlan:
         add(TABLES_RELOCATED, LOAD, reloc_loop[1], "after the loop adding B to every present "
             "entry of __page_tables")
     if "l2_xenmap" in syms:
-        pat = MOV_EAX_SIB_DISP32
         # mov %eax, offset(l2_xenmap)(%esi,%ecx,8): any SIB byte.
         want = struct.pack("<I", syms.offset("l2_xenmap"))
-        i = ts_code.find(pat)
+        i = ts_code.find(MOV_EAX_SIB_DISP32)
         while i >= 0 and ts_code[i + 3:i + 7] != want:
-            i = ts_code.find(pat, i + 1)
+            i = ts_code.find(MOV_EAX_SIB_DISP32, i + 1)
         if i >= 0:
             fill_loop = find_loop_after(ts_code, ts_va, ts_code[i:i + 7])
     if fill_loop is None:
@@ -579,7 +577,8 @@ def record_text(record: Mapping[str, object], number: int, total: int,
     checks = list(record.get("checks") or [])
     if checks:
         for c in checks:
-            lines.append(f"  {c.get('id', '?'):<4} {c.get('status', '?'):<4} {c.get('summary', '')}")
+            lines.append(f"  {c.get('id', '?'):<4} {c.get('status', '?'):<4} "
+                         f"{c.get('summary', '')}")
     elif record.get("error") or record.get("note"):
         lines.append(f"  checks: {record.get('error') or record.get('note')}")
     else:
