@@ -248,9 +248,17 @@ class StopPlan:
         return stop.name == ENTRY or (stop.name == CALL and not self.patched)
 
     def checks_for(self, stop: BootStop, predict: bool = False) -> Tuple[str, ...]:
-        """The checks that apply at ``stop`` (every one for a predicted merge)."""
+        """The checks that apply at ``stop``: every one for a predicted merge.
+
+        Without the merge and without --predict, CR3 at the call is still the
+        firmware's table, as at the entry: the entry's checks apply there, not
+        those of a merged table that does not exist."""
         if predict and self.predicts_at(stop):
             return ALL_CHECKS
+        if stop.name == CALL and not self.patched:
+            entry = self.get(ENTRY)
+            firmware = entry.checks if entry is not None else ()
+            return tuple(c for c in stop.checks if c in firmware)
         return stop.checks
 
     def select(self, stops: Optional[Iterable[str]] = None,

@@ -225,10 +225,14 @@ class Session:
             return None
         regs = self._registers(stop)
         snap = self._snapshot(regs.get("cr3", 0))
+        firmware_error = None
         if stop.name == ENTRY:
             api = _merge_api()
-            if api is not None and hasattr(api, "remember_firmware"):
-                api.remember_firmware()
+            if api is not None:
+                try:
+                    api.remember_firmware()   # F, for the checks at the later stops
+                except GdbextError as err:
+                    firmware_error = str(err)
         if STOP_ORDER.index(stop.name) > STOP_ORDER.index(bootstops.EFI_MB2):
             self._learn_trampoline_phys()
         if not self.wanted(stop):
@@ -241,7 +245,7 @@ class Session:
             "kind": stop.kind, "symbol": self.symbolic(stop, rip),
             "where": where_in_boot(self.syms, self.load_base, rip, self.trampoline_phys),
             "registers": regs, "changes": changes, "checks": checks["checks"],
-            "counts": _counts(checks["checks"]), "error": checks["error"],
+            "counts": _counts(checks["checks"]), "error": checks["error"] or firmware_error,
         }
         for key in ("mode", "note"):
             if key in checks:

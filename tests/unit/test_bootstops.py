@@ -170,11 +170,16 @@ def test_bytes_at_every_load_stop_are_instructions_objdump_knows(plan, syms, nm)
 def test_checks_come_from_l4merge(plan):
     for stop in plan.stops:
         assert stop.checks == CHECKS_AT_STOP.get(stop.name, ()), stop.name
+        if stop.name != CALL:
+            assert plan.checks_for(stop) == stop.checks, stop.name
     assert plan.checks_for(plan.get(ENTRY), predict=True) == CHECK_IDS
     # Without the merge, CR3 is still the firmware's at the call: predict there too.
     assert plan.checks_for(plan.get(CALL), predict=True) == CHECK_IDS
     assert plan.checks_for(plan.get(HIGH_START), predict=True) == CHECKS_AT_STOP[HIGH_START]
     assert plan.checks_for(plan.get(ENTRY)) == CHECKS_AT_STOP[ENTRY]
+    # ... and without --predict, nothing is merged at the call: the entry's checks.
+    assert plan.checks_for(plan.get(CALL)) == tuple(
+        c for c in CHECKS_AT_STOP[CALL] if c in CHECKS_AT_STOP[ENTRY])
 
 
 def test_plan_as_dict(plan):
@@ -418,6 +423,7 @@ def test_plan_of_a_patched_build(syms, rfc_code):
     assert not any("no RFC merge" in n for n in patched.notes)
     # With the merge, CR3 at the call is M itself: live checks, not a prediction.
     assert patched.checks_for(patched.get(CALL), predict=True) == CHECKS_AT_STOP[CALL]
+    assert patched.checks_for(patched.get(CALL)) == CHECKS_AT_STOP[CALL]
 
 
 # -- what changed between stops ------------------------------------------------------------------
