@@ -33,7 +33,8 @@ from .xenimage import LoadedXen
 
 # Where a table (or a page an entry points to) lives.
 OWNER_XEN = "xen"            # inside Xen's loaded image [B + offset(_start), B + offset(_end))
-OWNER_FIRMWARE = "firmware"  # outside it: at the early stops, the firmware's memory
+OWNER_FIRMWARE = "firmware"  # outside it, while the firmware's tables are in use
+OWNER_OUTSIDE = "outside"    # outside it, once Xen runs at its linked address (its own allocations)
 OWNER_UNKNOWN = "unknown"    # no Xen symbols or load base: cannot tell
 
 # The L4 table Xen boots from; a merged root (the RFC's efi_l4_bootmap) copies its upper half.
@@ -43,10 +44,12 @@ IDLE_L4 = "idle_pg_table"
 _STATUS_BITS = x86.PTE_A | x86.PTE_D
 
 # Text shown for each owner and pointer class, and their colours (fill, stroke).
-OWNER_TEXT = {OWNER_XEN: "Xen image", OWNER_FIRMWARE: "outside Xen (firmware)",
-              OWNER_UNKNOWN: "owner unknown"}
-OWNER_FILL = {OWNER_XEN: "#fde6c4", OWNER_FIRMWARE: "#dde9f6", OWNER_UNKNOWN: "#eeeeee"}
-OWNER_STROKE = {OWNER_XEN: "#b86e00", OWNER_FIRMWARE: "#3f6ea8", OWNER_UNKNOWN: "#777777"}
+OWNER_TEXT = {OWNER_XEN: "Xen image", OWNER_FIRMWARE: "firmware (outside Xen's image)",
+              OWNER_OUTSIDE: "outside Xen's image", OWNER_UNKNOWN: "owner unknown"}
+OWNER_FILL = {OWNER_XEN: "#fde6c4", OWNER_FIRMWARE: "#dde9f6", OWNER_OUTSIDE: "#e3f0e0",
+              OWNER_UNKNOWN: "#eeeeee"}
+OWNER_STROKE = {OWNER_XEN: "#b86e00", OWNER_FIRMWARE: "#3f6ea8", OWNER_OUTSIDE: "#4d7f45",
+                OWNER_UNKNOWN: "#777777"}
 NOT_JUDGED = "not judged"
 VERDICT_COLOUR = {
     xenimage.RELOCATED: "#1a8a2e",
@@ -60,13 +63,10 @@ VERDICT_TEXT = {
     xenimage.RELOCATED: "relocated (link value + B)",
     xenimage.UNRELOCATED: "unrelocated (link value: firmware memory)",
     xenimage.RELOCATED_TWICE: "relocated twice (link value + 2B)",
-    xenimage.FOREIGN: "foreign (neither: written at run time)",
+    xenimage.FOREIGN: "foreign (neither; or written at run time)",
     xenimage.ABSOLUTE: "absolute (never relocated, as intended)",
     NOT_JUDGED: "not a Xen table entry: not judged",
 }
-
-# Pointer classes that mean the entry does not point where Xen meant.
-WRONG_POINTERS = (xenimage.UNRELOCATED, xenimage.RELOCATED_TWICE, xenimage.FOREIGN)
 
 # Rows of one L3 table drawn before the rest is summarised in one line.
 MAX_L3_ROWS = 12
@@ -158,10 +158,10 @@ class TreeModel:
         return asdict(self)
 
 
-def _owner(xen: Optional[LoadedXen], pa: int) -> str:
+def _owner(xen: Optional[LoadedXen], pa: int, outside: str) -> str:
     if xen is None:
         return OWNER_UNKNOWN
-    return OWNER_XEN if xen.in_image(pa) else OWNER_FIRMWARE
+    return OWNER_XEN if xen.in_image(pa) else outside
 
 
 def _name(xen: Optional[LoadedXen], pa: int) -> Optional[str]:
@@ -181,7 +181,7 @@ def _xen_table(xen: Optional[LoadedXen], pa: int, level: int) -> Optional[Tuple[
 
 class _Builder:
     def __init__(self, ctx: PagingContext, mem: PhysMemory, root: int,
-                 xen: Optional[LoadedXen]):
+                 xen: Optional[LoadedXen], outside: str = OWNER_FIRMWARE):
         if ctx.mode is not paging.MODE_4LEVEL:
             raise GdbextError(f"the diagram draws 4-level paging trees, not {ctx.mode.name} "
                               "(pass --mode 4-level with --root to read a table as one)")
@@ -191,16 +191,23 @@ class _Builder:
         self.dec = Decoder(ctx)
         self.root = root
         self.xen = xen
+        self.outside = outside
+
+    def owner(self, pa: int) -> str:
+        return _owner(self.xen, pa, self.outside)
 
     def judge(self, table: Optional[Tuple[str, int]], index: int, raw: int
               ) -> Tuple[Optional[str], Optional[int]]:
+        """The entry's pointer class, and where Xen meant it to point when it points
+        elsewhere (None when it is where Xen's own fix-up puts it, or was written at
+        run time: no link value to compare with)."""
         if table is None or self.xen is None:
             return None, None
         name, first = table
         v = self.xen.judge_entry(name, first + index, raw, self.dec.table_addr_mask)
-        expected = v.expected_pa if v.kind in (xenimage.UNRELOCATED,
-                                               xenimage.RELOCATED_TWICE) else None
-        return v.kind, expected
+        misdirected = v.kind in (xenimage.UNRELOCATED, xenimage.RELOCATED_TWICE) or (
+            v.kind == xenimage.FOREIGN and v.link & x86.PTE_P)
+        return v.kind, (v.expected_pa if misdirected else None)
 
     def va(self, off: int) -> int:
         return x86.canonical(off, self.mode.va_bits)
@@ -255,7 +262,7 @@ class _Builder:
             else:
                 parts.append(f"{len(l1)} x L1 tables")
         if verdicts:
-            parts.append("; ".join(f"{n} {k}" for k, n in sorted(verdicts.items())))
+            parts[-1] += " (" + ", ".join(f"{n} {k}" for k, n in sorted(verdicts.items())) + ")"
         if reserved:
             parts.append(f"{reserved} with reserved bits (fault)")
         if not parts:
@@ -266,7 +273,7 @@ class _Builder:
     # -- L3 ------------------------------------------------------------------------
 
     def l3_table(self, pa: int, base: int) -> L3Table:
-        table = L3Table(pa, _name(self.xen, pa), _owner(self.xen, pa))
+        table = L3Table(pa, _name(self.xen, pa), self.owner(pa))
         try:
             _, ents = paging.read_table(self.mode, self.mem, pa, 3)
         except MemoryReadError as err:
@@ -283,7 +290,7 @@ class _Builder:
             off = base + (idx << 30)
             info = self.dec.decode(3, raw)
             kind_v, expected = self.judge(xen_table, idx, raw)
-            owner = _owner(self.xen, info.addr)
+            owner = self.owner(info.addr)
             if info.reserved:
                 kind = "reserved"
                 summary = f"reserved bits {info.reserved:#x} set: the CPU faults here"
@@ -349,7 +356,7 @@ class _Builder:
             end = off + (1 << 39)
             slot = L4Slot(idx, self.va(off), self.va(end) if end < (1 << 48) else 0, raw,
                           info.flag_names(), info.addr, _name(self.xen, info.addr),
-                          _owner(self.xen, info.addr), kind, expected,
+                          self.owner(info.addr), kind, expected,
                           _name(self.xen, expected) if expected is not None else None)
             if info.reserved:
                 slot.note = f"reserved bits {info.reserved:#x} set: the CPU faults here"
@@ -363,13 +370,13 @@ class _Builder:
                 slot.table = self.l3_table(info.addr, off)
             slots.append(slot)
         return TreeModel(title, self.root, _name(self.xen, self.root),
-                         _owner(self.xen, self.root), self.mode.name,
+                         self.owner(self.root), self.mode.name,
                          self.xen.load_base if self.xen else None, judged_as, slots)
 
 
 def build_model(ctx: PagingContext, mem: PhysMemory, root: int,
                 xen: Optional[LoadedXen] = None, title: str = "",
-                judge_as: Optional[str] = None) -> TreeModel:
+                judge_as: Optional[str] = None, outside: str = OWNER_FIRMWARE) -> TreeModel:
     """Read the tree under the L4 at ``root`` into a TreeModel.
 
     ``xen`` (symbols and load base) names Xen's objects, tells Xen's image from
@@ -377,9 +384,11 @@ def build_model(ctx: PagingContext, mem: PhysMemory, root: int,
     Xen L4 whose link values the root's upper half (slots 256-511) copies, for a
     root that is not itself a Xen boot table: ``IDLE_L4`` for the RFC's merged
     table (``default_judge_as`` picks it).  Entries of a table that is neither
-    are not judged.
+    are not judged.  ``outside`` is what a table outside Xen's image is called:
+    ``OWNER_FIRMWARE`` while the firmware's tables are in use, ``OWNER_OUTSIDE``
+    once Xen allocates its own.
     """
-    b = _Builder(ctx, mem, root, xen)
+    b = _Builder(ctx, mem, root, xen, outside)
     return b.model(title or f"L4 at {root:#x}", judge_as)
 
 
@@ -435,6 +444,15 @@ def row_parts(r: L3Row) -> Tuple[str, str]:
 def row_text(r: L3Row) -> str:
     head, detail = row_parts(r)
     return f"{head}: {detail}" if detail else head
+
+
+# Classes that certainly miss the table Xen meant (a foreign pointer may be a run-time change).
+MISSED = (xenimage.UNRELOCATED, xenimage.RELOCATED_TWICE)
+
+
+def expected_label(kind: Optional[str]) -> str:
+    """How the table Xen's fix-up would have pointed to is introduced."""
+    return "expected" if kind in MISSED else "link value + B"
 
 
 def verdict_label(kind: Optional[str]) -> str:
@@ -516,7 +534,7 @@ def _l4_box(s: L4Slot) -> List[_Line]:
     if s.verdict:
         lines.append((s.verdict, colour, True))
     if s.expected_pa is not None:
-        lines.append(("expected:", colour, False))
+        lines.append((expected_label(s.verdict) + ":", colour, False))
         lines.append((" " + target_text(s.expected_name, s.expected_pa), colour, False))
     return lines
 
@@ -531,7 +549,7 @@ def _l3_box(s: L4Slot) -> List[_Line]:
                           (OWNER_TEXT[t.owner] + (f"; same table as L4[{s.same_as}]"
                                                   if s.same_as is not None else ""),
                            OWNER_STROKE[t.owner], False)]
-    if s.verdict in WRONG_POINTERS:
+    if s.verdict in MISSED:
         lines.append(("not the table Xen meant: the CPU walks this page as an L3",
                       VERDICT_COLOUR[s.verdict], False))
     if t.error:
@@ -545,7 +563,8 @@ def _l3_box(s: L4Slot) -> List[_Line]:
         strong = r.verdict is not None and r.verdict != xenimage.RELOCATED
         lines.append((head + (f"  {r.verdict}" if r.verdict else ""), colour, strong))
         if r.expected_pa is not None:
-            lines.append(("    expected " + target_text(r.expected_name, r.expected_pa),
+            lines.append((f"    {expected_label(r.verdict)} "
+                          + target_text(r.expected_name, r.expected_pa),
                           colour, False))
         if detail:
             lines.append(("    " + detail, "#444444", False))
@@ -563,19 +582,26 @@ def _box_h(lines: Sequence[_Line]) -> float:
 ROW_GAP = 12
 
 
-def _legend(svg: _Svg, x: float, y: float, width: float) -> float:
-    """Draw the legend; return its height."""
-    h = 5 * LINE_H + 2 * PAD + 6
+HOW_TO_READ = (
+    "How to read this: an L4 entry covers 512 GiB of virtual addresses and points to an L3 "
+    "table; an L3 entry covers 1 GiB",
+    "and points to an L2 table (summarised on the line below it) or maps a 1 GiB page; an L2 "
+    "entry maps 2 MiB or points to an L1.")
+
+
+def _legend(svg: _Svg, x: float, y: float, width: float, owners: Sequence[str]) -> float:
+    """Draw the legend (the owners that occur, every pointer class); return its height."""
+    h = 6 * LINE_H + 2 * PAD + 10
     svg.rect(x, y, width, h, "#ffffff", "#999999")
     ty = y + PAD + 12
-    svg.text(x + PAD, ty, "How to read this: an L4 entry covers 512 GiB of virtual addresses "
-             "and points to an L3 table; an L3 entry covers 1 GiB and points to an L2 table "
-             "(summarised) or maps a 1 GiB page; an L2 entry maps 2 MiB or points to an L1.")
-    ty += LINE_H + 4
+    for line in HOW_TO_READ:
+        svg.text(x + PAD, ty, line)
+        ty += LINE_H
+    ty += 4
     cx = x + PAD
     svg.text(cx, ty, "table lives in:", bold=True)
     cx += 16 * CHAR_W
-    for owner in (OWNER_XEN, OWNER_FIRMWARE, OWNER_UNKNOWN):
+    for owner in owners:
         svg.rect(cx, ty - 11, 26, 14, OWNER_FILL[owner], OWNER_STROKE[owner], rx=2)
         svg.text(cx + 32, ty, OWNER_TEXT[owner])
         cx += 32 + (len(OWNER_TEXT[owner]) + 3) * CHAR_W
@@ -597,7 +623,26 @@ def _legend(svg: _Svg, x: float, y: float, width: float) -> float:
     return h
 
 
-LEGEND_MIN_W = 1230
+def _owners(models: Sequence[TreeModel]) -> List[str]:
+    seen = {m.root_owner for m in models}
+    for m in models:
+        for sl in m.slots:
+            seen.add(sl.owner)
+            if sl.table is not None:
+                seen.add(sl.table.owner)
+                seen.update(r.owner for r in sl.table.rows)
+    return [o for o in OWNER_TEXT if o in seen]
+
+
+def _legend_width(owners: Sequence[str]) -> float:
+    """Wide enough for its longest line."""
+    item = lambda text: 32 + (len(text) + 3) * CHAR_W  # noqa: E731 - swatch + text
+    kinds = [VERDICT_TEXT[k] for k in VERDICT_COLOUR]
+    rows = [max(len(t) for t in HOW_TO_READ) * CHAR_W,
+            16 * CHAR_W + sum(item(OWNER_TEXT[o]) for o in owners) + 40 * CHAR_W,
+            16 * CHAR_W + sum(item(t) for t in kinds[:3]),
+            16 * CHAR_W + sum(item(t) for t in kinds[3:])]
+    return max(rows) + 2 * PAD
 
 
 def to_svg(models: Sequence[TreeModel], title: str = "") -> str:
@@ -620,14 +665,15 @@ def to_svg(models: Sequence[TreeModel], title: str = "") -> str:
 
     margin = 16
     total_w = margin * 2 + sum(l.width for l in layouts) + COL_GAP * (len(models) - 1)
-    legend_w = max(total_w - 2 * margin, LEGEND_MIN_W)
+    owners = _owners(models)
+    legend_w = max(total_w - 2 * margin, _legend_width(owners))
     total_w = max(total_w, legend_w + 2 * margin)
     svg = _Svg()
     y = margin
     if title:
         svg.text(margin, y + 16, title, bold=True, size=16)
         y += 28
-    y += _legend(svg, margin, y, legend_w) + 16
+    y += _legend(svg, margin, y, legend_w, owners) + 16
     cap_lines = max(len(model_caption(m)) + 1 for m in models)
     cap_top = y
     y += cap_lines * LINE_H + 12
@@ -768,7 +814,8 @@ def to_dot(models: Sequence[TreeModel], title: str = "") -> str:
             colour = VERDICT_COLOUR[verdict_label(s.verdict)]
             label = s.verdict or ""
             if s.expected_pa is not None:
-                label += f" (expected {target_text(s.expected_name, s.expected_pa)})"
+                label += (f" ({expected_label(s.verdict)} "
+                          f"{target_text(s.expected_name, s.expected_pa)})")
             out.append(f"    {_node_id(mi, src)}:s{idx}:e -> {_node_id(mi, dst)} "
                        f"[color={_dot_str(colour)}, fontcolor={_dot_str(colour)}, "
                        f"label={_dot_str(label)}];")
@@ -791,7 +838,8 @@ def to_text(models: Sequence[TreeModel]) -> str:
                          f" -> {target_text(s.target_name, s.target_pa)} "
                          f"({OWNER_TEXT[s.owner]}){v}")
             if s.expected_pa is not None:
-                lines.append(f"      expected {target_text(s.expected_name, s.expected_pa)}")
+                lines.append(f"      {expected_label(s.verdict)} "
+                             f"{target_text(s.expected_name, s.expected_pa)}")
             lines.extend("      " + t for t, _c, _b in _l3_box(s)[2 if s.table else 1:])
     return "\n".join(lines)
 

@@ -9,7 +9,7 @@ the predicted merge from ``gdbext.core.l4merge``.  Other commands (xen-pt
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import gdb
 
@@ -56,10 +56,16 @@ def loaded_xen(required: bool) -> Optional[LoadedXen]:
     return LoadedXen(syms, xen_cmds.STATE.load_base)
 
 
-def _where(xen: Optional[LoadedXen]) -> Optional[str]:
+def _where(xen: Optional[LoadedXen]) -> Tuple[Optional[str], str]:
+    """Where in Xen's boot the target is stopped (bootstops' name, if known), and what
+    a table outside Xen's image is: the firmware's until Xen runs at its linked
+    address, Xen's own allocations from then on."""
     if xen is None:
-        return None
-    return bootstops.where_in_boot(xen.syms, xen.load_base, target().read_register("rip"))
+        return None, diagram.OWNER_FIRMWARE
+    rip = target().read_register("rip")
+    linked = xen.syms.in_image(rip)
+    where = bootstops.where_in_boot(xen.syms, xen.load_base, rip)
+    return where, diagram.OWNER_OUTSIDE if linked else diagram.OWNER_FIRMWARE
 
 
 def _predicted(sit, cache, xen: LoadedXen, relocate: bool) -> diagram.TreeModel:
@@ -86,14 +92,15 @@ def build_models(root: str = "cr3", mode: Optional[str] = None, predict: bool = 
     with t.phys_mode():
         sit = situation(_RootArgs(root, mode))
         xen = loaded_xen(required=predict or compare)
-        where = _where(xen)
-        at = f" at {where}" if where else ""
+        where, outside = _where(xen)
+        at = "" if not where else f" {where}" if where.startswith("after ") else f" at {where}"
         src = "CR3" if sit.root_source == "cr3" else f"root {sit.root_source}"
         models: List[diagram.TreeModel] = []
         if compare or not predict:
             title = (f"firmware L4 ({src}{at})" if compare else f"L4 from {src}{at}")
             models.append(diagram.build_model(sit.ctx, t.cache, sit.root, xen, title,
-                                              diagram.default_judge_as(xen, sit.root)))
+                                              diagram.default_judge_as(xen, sit.root),
+                                              outside))
         if compare:
             models.append(_predicted(sit, t.cache, xen, relocate=False))
             models.append(_predicted(sit, t.cache, xen, relocate=True))
