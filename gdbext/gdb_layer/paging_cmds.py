@@ -337,7 +337,8 @@ class Pa2vaCommand(XenCommand):
         hits = paging.pa_to_vas(en.ranges, pa)
         if args.json:
             gdb.write(render.to_json({"pa": pa, "root": sit.root, "mode": en.mode,
-                                      "vas": [{"va": va, **render.range_dict(r)}
+                                      "vas": [{**render.range_dict(r), "range_va": r[0],
+                                               "va": va}  # the VA of PA, not the range's
                                               for va, r in hits]}) + "\n")
             return
         if not hits:

@@ -635,6 +635,18 @@ class LocateCommand(XenCommand):
 
 # -- xen-info ---------------------------------------------------------------------------------
 
+TRAMPOLINE_PHYS_SYMBOL = "trampoline_phys"   # where trampoline_setup copied the trampoline
+
+
+def _trampoline_phys(syms, base: int) -> Optional[int]:
+    if TRAMPOLINE_PHYS_SYMBOL not in syms:
+        return None
+    t = target()
+    with t.phys_mode():
+        value = _u64_at(t.cache, syms.pa(TRAMPOLINE_PHYS_SYMBOL, base))
+    return value or None   # 0 until trampoline_setup has run
+
+
 def _where_in_boot(syms, base: Optional[int], rip: Optional[int]) -> Tuple[Optional[str],
                                                                           Optional[str]]:
     try:
@@ -643,7 +655,7 @@ def _where_in_boot(syms, base: Optional[int], rip: Optional[int]) -> Tuple[Optio
         return None, "gdbext.core.bootstops is not available"
     if base is None or rip is None:
         return None, "load base unknown"
-    return bootstops.where_in_boot(syms, base, rip), None
+    return bootstops.where_in_boot(syms, base, rip, _trampoline_phys(syms, base)), None
 
 
 def info() -> dict:
