@@ -25,3 +25,4 @@ def install() -> bool:
     from . import walkthrough_cmds; walkthrough_cmds.install()
     _INSTALLED = True
     return True
+    from . import merge_cmds; merge_cmds.install()
