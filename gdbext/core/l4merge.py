@@ -255,8 +255,9 @@ def default_table_pa(xen: LoadedXen) -> Tuple[int, str]:
     """
     syms = xen.syms
     for name in (PATCH_TABLE, SCRATCH_TABLE):
-        if syms.get(name) is not None:
-            return xen.pa(name), name
+        sym = syms.get(name)
+        if sym is not None:
+            return xen.pa(sym.value), name
     raise GdbextError(f"{getattr(syms, 'path', 'xen-syms')}: neither {PATCH_TABLE} nor "
                       f"{SCRATCH_TABLE}: give the merged table's address (--table ADDR)")
 
@@ -427,6 +428,8 @@ def parse_mbi(mem: PhysMemory, pa: int) -> MbiInfo:
 # --- checks -----------------------------------------------------------------------------
 
 _GOOD = (RELOCATED, ABSOLUTE)
+# A pointer without a link value (written at run time) that leaves the image.
+OUTSIDE_IMAGE = "outside-image"
 
 
 def _result(cid: str, status: str, summary: str, evidence: Optional[Dict[str, object]] = None
@@ -446,20 +449,22 @@ class PointerFault:
     entry_pa: int
     found: int
     target_pa: int
-    kind: str             # xenimage class, or "outside-image"
+    kind: str             # xenimage class, or OUTSIDE_IMAGE
     expected_pa: Optional[int]
     target_name: Optional[str]   # the Xen table the pointer should reach
 
     def text(self) -> str:
         what = self.target_name or "its target"
         if self.kind == UNRELOCATED:
-            why = f"the link-time address of {what} (unrelocated: B not added)"
+            why = f"unrelocated: the link-time address of {what} (B not added)"
         elif self.kind == RELOCATED_TWICE:
-            why = f"{what} with B added twice (relocated twice)"
+            why = f"relocated-twice: {what} with B added twice"
         elif self.kind == FOREIGN:
-            why = "foreign: neither the link value, nor link + B, nor link + 2B"
+            why = f"foreign: neither {what}'s link value, nor link + B, nor link + 2B"
+        elif self.kind == OUTSIDE_IMAGE:
+            why = f"{OUTSIDE_IMAGE}: a run-time pointer outside Xen's loaded image"
         else:
-            why = f"{self.kind}"
+            why = self.kind
         exp = f"; expected {self.expected_pa:#x} ({what})" if self.expected_pa is not None else ""
         return f"{self.where} = {self.found:#x} -> {self.target_pa:#x}: {why}{exp}"
 
@@ -558,7 +563,7 @@ class _Checker:
                     return None
                 return PointerFault(_entry_name(self.xen, table_pa + 8 * index, -1)
                                     or f"{table_pa + 8 * index:#x}", table_pa + 8 * index,
-                                    found, target, "outside-image", None, None)
+                                    found, target, OUTSIDE_IMAGE, None, None)
             name, _level, off = hit
             idx = off // 8
             where = f"{name}[{idx}]"
@@ -570,7 +575,7 @@ class _Checker:
             # Written at run time (no link value): only "inside the image" can be said.
             if self.xen.in_image(target):
                 return None
-            return PointerFault(where, table_pa + 8 * index, found, target, "outside-image",
+            return PointerFault(where, table_pa + 8 * index, found, target, OUTSIDE_IMAGE,
                                 None, None)
         expected = v.expected_pa if link_target else None
         tname = self.image_name(expected) if expected is not None else None
@@ -609,9 +614,8 @@ class _Checker:
                 if fault is not None:
                     faults.append(fault)
                     continue
-                if level > 2 or (level == 2 and self.xen.in_image(info.addr)):
-                    if self.xen.in_image(info.addr) and level > 1:
-                        stack.append((info.addr, level - 1, 0))
+                if self.xen.in_image(info.addr):
+                    stack.append((info.addr, level - 1, 0))
         self._upper = (faults, seen, tables)
         return self._upper
 
@@ -993,7 +997,7 @@ class _Checker:
             raise _Skip(f"CR3 {cr3:#x} is not idle_pg_table ({idle:#x}): I9 applies from the "
                         "trampoline's CR3 load" if cr3 is not None else "CR3 not known")
         fps = self.syms.get(XEN_PHYS_START_SYMBOL)
-        if fps is not None and stop not in (STOP_TABLES_RELOCATED,):
+        if fps is not None:  # trampoline_setup stores %esi there before relocating
             stored = struct.unpack("<Q", self.mem.read_phys(self.xen.pa(fps.value), 8))[0]
             ev["xen_phys_start"] = stored
             if stored != b:
@@ -1210,6 +1214,9 @@ def run_checks(state: MergeState, only: Optional[Iterable[str]] = None,
         except MemoryReadError as err:
             out.append(_result(cid, FAIL, f"memory needed by the check is unreadable: {err}",
                                {"pa": err.pa, "size": err.size}))
+        except GdbextError as err:
+            # e.g. a build without one of the symbols the check needs
+            out.append(_result(cid, SKIP, f"cannot be checked: {err}"))
     return out
 
 

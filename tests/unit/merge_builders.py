@@ -128,20 +128,65 @@ class Guest:
 
 
 def entry_guest(syms, load_base: Optional[int] = None, ram_top: int = 1 << 30,
-                page_size: int = SIZE_2M, **fw_kw) -> Guest:
+                page_size: int = SIZE_2M, fw_top: Optional[int] = None,
+                mbi_pa: int = MBI_PA, **fw_kw) -> Guest:
     """Xen loaded by a GRUB-like loader (the first load-base candidate below
-    ``ram_top`` unless given), firmware identity tables over ``ram_top``, an
-    MBI in %rbx, stopped at __efi64_mb2_start."""
+    ``ram_top`` unless given), firmware identity tables over ``fw_top``
+    (default ``ram_top``), an MBI in %rbx, stopped at __efi64_mb2_start."""
     mem = SyntheticMemory(ram_size=RAM)
     if load_base is None:
         load_base = syms.load_base_candidates(ram_top)[0]
     load_image(mem, syms, load_base)
-    fw = FirmwareTables(mem, ram_top, page_size=page_size, **fw_kw)
-    build_mbi(mem, MBI_PA, load_base + syms.offset(syms.image_start))
+    fw = FirmwareTables(mem, ram_top if fw_top is None else fw_top, page_size=page_size,
+                        **fw_kw)
+    build_mbi(mem, mbi_pa, load_base + syms.offset(syms.image_start))
     regs = {
         "cr0": CR0_PG | CR0_WP | CR0_PE, "cr3": fw.root, "cr4": CR4_PAE,
         "efer": EFER_LME | EFER_LMA | EFER_NXE,
         "rip": load_base + syms.offset("__efi64_mb2_start"),
-        "rsp": STACK_TOP - 0x100, "rbx": MBI_PA, "rax": MB2_BOOTLOADER_MAGIC,
+        "rsp": STACK_TOP - 0x100, "rbx": mbi_pa, "rax": MB2_BOOTLOADER_MAGIC,
     }
     return Guest(syms, mem, load_base, fw, regs)
+
+
+class SymsWith:
+    """A XenSymbols seen through a few changes (an extra symbol, another _end),
+    for the cases the Debian build does not have (a patched build's
+    efi_l4_bootmap, an image ending on a 2 MiB boundary)."""
+
+    def __init__(self, syms, extra: Optional[Dict[str, object]] = None,
+                 image_end: Optional[int] = None):
+        self._syms = syms
+        self._extra = dict(extra or {})
+        if image_end is not None:
+            self.image_end = image_end
+
+    def __getattr__(self, name):
+        return getattr(self._syms, name)
+
+    def get(self, name):
+        if name in self._extra:
+            return self._extra[name]
+        return self._syms.get(name)
+
+    def lookup(self, name):
+        if name in self._extra:
+            return self._extra[name]
+        return self._syms.lookup(name)
+
+    def in_image(self, va: int) -> bool:
+        return self._syms.image_start <= va < self.image_end
+
+
+def trampoline_relocate(mem: SyntheticMemory, syms, load_base: int, times: int = 1) -> None:
+    """What trampoline_setup does to __page_tables: add B to every present qword
+    (``times`` times, to model a fix-up applied twice), and store B in
+    xen_phys_start."""
+    lo = load_base + syms.offset("__page_tables_start")
+    hi = load_base + syms.offset("__page_tables_end")
+    for _ in range(times):
+        for pa in range(lo, hi, 8):
+            e = u64(mem, pa)
+            if e & P:
+                mem.write_u64(pa, e + load_base)
+    mem.write_u64(load_base + syms.offset("xen_phys_start"), load_base)
