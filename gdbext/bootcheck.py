@@ -31,6 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from . import paths
 from .core import junit
+from .core.bootstops import START_XEN
 from .core.errors import GdbextError
 
 PROG = "xen-boot-check"
@@ -49,6 +50,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 ELF_MAGIC = b"\x7fELF"
 # Xen prints its load base early in __start_xen: an oracle for the report.
 XEN_LOAD_BASE_RE = re.compile(r"Xen image load base address: (0x[0-9a-f]+)")
+CONSOLE_WAIT_S = 10.0
 
 
 class RunError(GdbextError):
@@ -170,6 +172,33 @@ def mb2_break_command(args: argparse.Namespace) -> str:
         if getattr(args, flag):
             words.append("--" + flag.replace("_", "-"))
     return " ".join(words)
+
+
+# xen-mb2-break prints its JSON line and then raises a GDB error when a check failed
+# (so that 'gdb -batch' scripts exit non-zero). GDB drops the output captured by
+# gdb.execute(..., to_string=True) when the command raises, so the command runs
+# inside a Python try block, which keeps its output and reports the error after
+# this marker.
+KEPT_ERROR_MARKER = "@@xen-boot-check error@@ "
+_KEEP_OUTPUT = ("import gdb\n"
+                "try:\n"
+                "    gdb.execute({cmd!r})\n"
+                "except gdb.error as err:\n"
+                "    gdb.write('\\n' + {marker!r} + ' '.join(str(err).split()) + '\\n')\n")
+
+
+def keep_output(command: str) -> str:
+    """A one-line GDB command that runs ``command`` keeping its output on error."""
+    code = _KEEP_OUTPUT.format(cmd=command, marker=KEPT_ERROR_MARKER)
+    return f"python exec({code!r})"
+
+
+def split_kept_output(text: str) -> Tuple[str, Optional[str]]:
+    """(the command's output, its error line or None) from keep_output's output."""
+    at = text.rfind(KEPT_ERROR_MARKER)
+    if at < 0:
+        return text, None
+    return text[:at], text[at + len(KEPT_ERROR_MARKER):].strip() or "error"
 
 
 def planned_stops(args: argparse.Namespace) -> List[str]:
@@ -311,20 +340,23 @@ class BootCheck:
             self.say(f"running: {command}")
             outer = args.timeout * (len(CONTRACT_STOPS) + 1) + 30
             try:
-                reply = self.gdb.execute(command, timeout=outer, check=False)
+                reply = self.gdb.execute(keep_output(command), timeout=outer, check=False)
             except GdbCommandError as e:
                 raise RunError(f"the session did not finish: {e.message}") from None
+            out, error = split_kept_output(reply.out)
+            error = error or reply.error
             result = None
-            try:
-                result = reply.json()
-            except (GdbCommandError, ValueError):
-                pass
+            for line in reversed(out.splitlines()):
+                if line.strip().startswith("{"):
+                    try:
+                        result = json.loads(line)
+                    except ValueError:
+                        continue
+                    break
             if result is None:
-                why = reply.error or "no JSON result"
-                raise RunError(f"xen-mb2-break failed: {why}")
+                raise RunError(f"xen-mb2-break gave no result: {error or 'no JSON line'}")
             self.report["result"] = result
-            if reply.error and not result.get("error"):
-                result["error"] = reply.error
+            self.report["session_error"] = error
         finally:
             self.close()
         return self.report
@@ -341,13 +373,24 @@ class BootCheck:
         lab, self.lab = self.lab, None
         try:
             if gdb is not None:
-                gdb.close()
+                gdb.close()   # detaches: the guest runs on
         finally:
             if lab is not None:
-                m = XEN_LOAD_BASE_RE.search(lab.serial_text())
-                if m:
-                    self.report["console_load_base"] = int(m.group(1), 16)
-                lab.stop()
+                try:
+                    self.report["console_load_base"] = self._console_load_base(lab)
+                finally:
+                    lab.stop()
+
+    def _console_load_base(self, lab) -> Optional[int]:
+        """B as Xen prints it early in __start_xen: the oracle the report carries next to
+        the session's own B. Waited for only when the session got to __start_xen."""
+        result = self.report.get("result") or {}
+        wait = CONSOLE_WAIT_S if START_XEN in (result.get("reached") or []) else 0
+        try:
+            m = lab.wait_for_serial(XEN_LOAD_BASE_RE, timeout=wait)
+        except GdbextError:
+            return None
+        return int(m.group(1), 16)
 
 
 def summary_lines(report: dict) -> List[str]:
@@ -373,7 +416,7 @@ def verdict_line(report: dict, status: int) -> str:
         failed = junit.failed_checks(result)
         names = ", ".join(f"{c.get('id')}@{c.get('stop')}" for c in failed)
         return f"FAILED: {len(failed)} check(s) failed: {names}"
-    return f"error: {report.get('error') or result.get('error') or 'the run could not be done'}"
+    return f"error: {junit.not_run_reason(report.get('result'), report.get('error'))}"
 
 
 def write_outputs(args: argparse.Namespace, report: dict) -> None:

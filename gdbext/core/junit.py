@@ -9,8 +9,9 @@ The JUnit layout CI systems display (Jenkins, GitLab, GitHub test reporters):
 
 * one ``<testsuite>`` per boot stop of the plan, named after the stop;
 * in it, a ``reached`` test case (fails when the stop was due and not reached
-  because the run ended early, is skipped when the boot ended normally without
-  passing there, e.g. the ``merge`` stop on an unpatched build);
+  because the run broke off, is skipped when the boot ended normally without
+  passing there, e.g. the ``merge`` stop on an unpatched build, or when the
+  session stopped after a failed check without --keep-going);
 * one test case per check made at that stop: FAIL -> ``<failure>`` (message = the
   summary, text = the evidence and the reviewer's point), SKIP -> ``<skipped>``
   with the reason, WARN -> a pass whose ``<system-out>`` says why it warned.
@@ -103,7 +104,21 @@ def exit_status(result: Optional[Dict[str, object]], run_error: Optional[str] = 
         return EXIT_FAILED
     if run_error or result.get("error"):
         return EXIT_NOT_RUN
+    if not all_checks(result):
+        return EXIT_NOT_RUN   # nothing was judged: a CI job must not pass on that
     return EXIT_OK
+
+
+def not_run_reason(result: Optional[Dict[str, object]], run_error: Optional[str]) -> str:
+    """The one line that says why the verdict is 2."""
+    if run_error:
+        return run_error
+    if result and result.get("error"):
+        return str(result["error"])
+    if result is not None and not all_checks(result):
+        return ("no check was made at any stop (nothing to judge): look at --only, --skip "
+                "and --stops")
+    return "the run could not be done"
 
 
 def count_statuses(checks: Iterable[Dict[str, object]]) -> Dict[str, int]:
@@ -136,6 +151,9 @@ def junit_xml(result: Optional[Dict[str, object]], planned_stops: Sequence[str] 
     error = run_error or result.get("error")
     complete = bool(result.get("complete")) and not run_error
     by_name = {s.get("stop"): s for s in result.get("stops") or []}
+    # Without --keep-going the session ends at the stop where a check failed: the
+    # stops after it were not run, which is not a failure of their own.
+    stopped_on_failure = bool(failed_checks(result)) and not error
     root = ET.Element("testsuites", name=suites_name)
     totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
 
@@ -157,6 +175,11 @@ def junit_xml(result: Optional[Dict[str, object]], planned_stops: Sequence[str] 
         elif complete:
             ET.SubElement(reached, "skipped",
                           message=f"the boot did not pass through {name} (not on this build's path)")
+            counts["skipped"] += 1
+        elif stopped_on_failure:
+            ET.SubElement(reached, "skipped",
+                          message="not run: the session stopped after a failed check "
+                                  "(--keep-going goes on)")
             counts["skipped"] += 1
         else:
             why = f"not reached: {error}" if error else "not reached: the session ended before it"

@@ -109,8 +109,10 @@ LESSONS: Dict[str, Lesson] = {lesson.stop: lesson for lesson in (
     Lesson(bs.TRAMPOLINE_CR3, "The trampoline loads Xen's CR3",
            "The trampoline, a piece of Xen copied below 1 MiB (at trampoline_phys), loaded "
            "CR3 = B + offset(idle_pg_table). Paging is still off; the next instructions enable "
-           "PAE and long mode, set CR0.PG and jump to __high_start at its linked address. The "
-           "walk is made the way the CPU will make it once paging is on.",
+           "PAE and long mode, set CR0.PG and jump to __high_start at its linked address. "
+           "Before that, trampoline_setup also filled the identity map (L4 slot 0 -> "
+           "l3_bootmap -> l2_bootmap) so that this low code stays mapped at the moment paging "
+           "comes on. The walk is made the way the CPU will make it once paging is on.",
            WALK_TARGET_CR3, "The walk of efi_multiboot2's linked address through the new CR3"),
     Lesson(bs.HIGH_START, "Xen runs at its linked address",
            "RIP is a linked address now (0xffff82d0...) and CR3 is idle_pg_table. The walk of "
@@ -170,17 +172,33 @@ def walk_namer(loaded: LoadedXen, w: paging.Walk, names: Optional[Dict[int, str]
     return namer
 
 
-def walk_text(loaded: LoadedXen, w: paging.Walk, names: Optional[Dict[int, str]] = None) -> str:
-    return render.walk_text(w, walk_namer(loaded, w, names))
+def walk_text(loaded: LoadedXen, w: paging.Walk, names: Optional[Dict[int, str]] = None,
+              entry_note=None) -> str:
+    """xen-va2pa's layout with every table named; ``entry_note(step)`` may add how a
+    pointer read from a Xen table compares with its link value (the GDB layer passes
+    xen-va2pa's own judgement). Entries of the tables the caller named (a predicted
+    M living in a borrowed page) get no note: their link value is not theirs."""
+    given = names or {}
+
+    def note(step):
+        if entry_note is None or step.table_pa in given:
+            return None
+        return entry_note(step)
+
+    return render.walk_text(w, walk_namer(loaded, w, names), note)
 
 
 def walk_record(loaded: LoadedXen, w: paging.Walk, title: str,
-                names: Optional[Dict[int, str]] = None) -> Dict[str, object]:
-    """The JSON form: xen-va2pa's walk_dict plus the name of each table and of the PA."""
+                names: Optional[Dict[int, str]] = None, entry_note=None) -> Dict[str, object]:
+    """The JSON form: xen-va2pa's walk_dict plus the name of each table and of the PA,
+    and the note on each entry (see walk_text)."""
     namer = walk_namer(loaded, w, names)
+    given = names or {}
     d = render.walk_dict(w)
-    for level in d["levels"]:
+    for level, step in zip(d["levels"], w.steps):
         level["table_name"] = namer(level["table"])
+        level["note"] = (entry_note(step) if entry_note is not None
+                         and step.table_pa not in given else None)
     d["pa_name"] = namer(w.pa) if w.mapped else None
     d["title"] = title
     return d
@@ -197,10 +215,11 @@ class MergeWalk:
     walk: paging.Walk
     bytes_match: Optional[bool]   # the bytes at the walk's PA equal the ELF's
 
-    def as_dict(self, loaded: LoadedXen, title: str) -> Dict[str, object]:
+    def as_dict(self, loaded: LoadedXen, title: str, entry_note=None) -> Dict[str, object]:
         return {"label": self.label, "root": self.root, "slot": self.slot, "entry": self.entry,
                 "bytes_match": self.bytes_match,
-                "walk": walk_record(loaded, self.walk, title, {self.root: self.label})}
+                "walk": walk_record(loaded, self.walk, title, {self.root: self.label},
+                                    entry_note)}
 
 
 def merge_walk(loaded: LoadedXen, ctx: paging.PagingContext, mem, root: int, va: int,

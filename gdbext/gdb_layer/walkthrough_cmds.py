@@ -29,7 +29,7 @@ from ..core.xenimage import LoadedXen
 from . import xen_cmds
 from .backend import target
 from .command import CommandParser, XenCommand, add_json_option
-from .paging_cmds import maxphyaddr
+from .paging_cmds import judge_step, maxphyaddr, verdict_text
 
 # The checks that decide whether the call at the linked address can work; the
 # entry shows their verdicts for the raw and the relocated prediction.
@@ -150,10 +150,19 @@ def _changes_text(changes: Dict[str, object]) -> List[str]:
     return out
 
 
-def _checks_text(checks: List[dict]) -> Optional[str]:
+def _checks_text(checks: List[dict], mode: Optional[str]) -> Optional[str]:
     if not checks:
         return None
-    return "checks here: " + ", ".join(f"{c['id']} {c['status']}" for c in checks)
+    how = f" (xen-l4merge-check, {mode} mode)" if mode else ""
+    return f"checks here{how}: " + ", ".join(f"{c['id']} {c['status']}" for c in checks)
+
+
+def _entry_note(xen: LoadedXen):
+    """xen-va2pa's word on a pointer read from one of Xen's boot tables."""
+    def note(step) -> Optional[str]:
+        v = judge_step(xen, step)
+        return verdict_text(v) if v is not None else None
+    return note
 
 
 def _slug(name: str) -> str:
@@ -196,9 +205,9 @@ def comparison_text(xen: LoadedXen, comp: dict) -> str:
     parts = ["-- The RFC's merged L4, predicted: raw copy vs relocated copy",
              wt.wrap(wt.COMPARISON_TEXT.format(slot=raw.slot)), "",
              f"efi_multiboot2's linked address {comp['linked_va']:#x} through {raw.label}:",
-             wt.walk_text(xen, raw.walk, {raw.root: raw.label}), "",
+             wt.walk_text(xen, raw.walk, {raw.root: raw.label}, _entry_note(xen)), "",
              f"The same address through {rel.label}:",
-             wt.walk_text(xen, rel.walk, {rel.root: rel.label}), "",
+             wt.walk_text(xen, rel.walk, {rel.root: rel.label}, _entry_note(xen)), "",
              wt.comparison_table(xen, raw, rel)]
     verdicts = comp["verdicts"]
     for key, title in (("raw", "xen-l4merge-check --predict"),
@@ -218,8 +227,8 @@ def comparison_dict(xen: LoadedXen, comp: dict) -> dict:
     linked = comp["linked_va"]
     title = f"efi_multiboot2 {linked:#x}"
     return {"linked_va": linked,
-            "raw": comp["raw"].as_dict(xen, title),
-            "relocated": comp["relocated"].as_dict(xen, title),
+            "raw": comp["raw"].as_dict(xen, title, _entry_note(xen)),
+            "relocated": comp["relocated"].as_dict(xen, title, _entry_note(xen)),
             "verdicts": comp["verdicts"]}
 
 
@@ -306,6 +315,8 @@ class WalkthroughCommand(XenCommand):
                 emit(f"  note: {note}")
         try:
             record = _start(session, args.timeout)
+            # Xen-specific lessons only for the Xen these symbols describe (build-id).
+            xen_cmds.require_loaded()
             out["load_base"] = session.load_base
             number = 1
             while True:
@@ -360,15 +371,16 @@ class WalkthroughCommand(XenCommand):
             if w is None:
                 emit(f"(no walk: {why})")
             else:
-                emit(wt.walk_text(xen, w))
-                item["walk"] = wt.walk_record(xen, w, lesson.walk_title)
+                emit(wt.walk_text(xen, w, entry_note=_entry_note(xen)))
+                item["walk"] = wt.walk_record(xen, w, lesson.walk_title,
+                                              entry_note=_entry_note(xen))
             if stop == bs.ENTRY:
                 comp = entry_comparison(xen, regs)
                 emit("")
                 emit(comparison_text(xen, comp))
                 item["comparison"] = comparison_dict(xen, comp)
         changes = _changes_text(record.get("changes") or {})
-        checks = _checks_text(record.get("checks") or [])
+        checks = _checks_text(record.get("checks") or [], record.get("mode"))
         if changes or checks:
             emit("")
         for line in changes:

@@ -70,9 +70,10 @@ def test_failure_carries_summary_as_message_and_evidence_as_text():
     assert warn.find("system-out").text.startswith("WARN: I10 WARN: 3 RWX leaves")
     suite = suites["__efi64_mb2_start"]
     assert (suite.get("failures"), suite.get("skipped")) == ("1", "1")
-    # The session stopped after the failure: later planned stops were not reached.
+    # The session stopped after the failure (no --keep-going): later stops were not run.
     later = suites["__start_xen"].find("testcase")
-    assert later.find("failure").get("type") == "NOT_REACHED"
+    assert later.find("failure") is None
+    assert "stopped after a failed check" in later.find("skipped").get("message")
     assert junit.exit_status(r) == junit.EXIT_FAILED
     assert [c["id"] for c in junit.failed_checks(r)] == ["I4"]
     assert junit.failed_checks(r)[0]["stop"] == "__efi64_mb2_start"
@@ -126,3 +127,10 @@ def test_evidence_text_formats():
     assert "entries: [0x1e3, 3]" in text
     assert "walk: {pa: 0x3da00000}" in text
     assert "none: null" in text and "name: l2_xenmap" in text
+
+
+def test_a_run_that_judged_nothing_is_not_a_pass():
+    r = result([stop("__efi64_mb2_start"), stop("__start_xen")])
+    assert junit.exit_status(r) == junit.EXIT_NOT_RUN
+    assert "no check was made" in junit.not_run_reason(r, None)
+    assert junit.not_run_reason(r, "QEMU died") == "QEMU died"
