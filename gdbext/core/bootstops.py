@@ -613,4 +613,5 @@ def summary_text(result: Mapping[str, object]) -> str:
                f"{c.get('FAIL', 0)} FAIL, {c.get('WARN', 0)} WARN, {c.get('SKIP', 0)} SKIP")
     if result.get("error"):
         verdict += f"; error: {result['error']}"
-    return table + "\n" + verdict
+    notes = [f"note: {n}" for n in result.get("notes") or []]
+    return "\n".join([table] + notes + [verdict])

@@ -270,11 +270,16 @@ class Session:
         errors = [r["error"] for r in self.records if r.get("error")]
         error = self.error or (errors[0] if errors else None)
         counts = _counts(all_checks)
+        notes = list(self.plan.notes)
+        never = [s.name for s in self.selected
+                 if s.address(self.load_base, self.trampoline_phys) is None]
+        if never:
+            notes.append(f"never planted (trampoline_phys unknown): {', '.join(never)}")
         return {"load_base": self.load_base,
                 "complete": reached == [s.name for s in self.selected],
                 "reached": reached, "stops": self.records, "counts": counts,
                 "ok": counts["FAIL"] == 0 and error is None, "error": error,
-                "plan": self.plan.as_dict(self.load_base, self.trampoline_phys)}
+                "notes": notes}
 
 
 def _counts(checks: List[dict]) -> Dict[str, int]:
@@ -411,12 +416,11 @@ class Mb2BreakCommand(XenCommand):
                       + ". 'continue' stops at the next one.\n")
             for note in session.plan.notes:
                 gdb.write(f"  note: {note}\n")
-        if len(session.selected) <= 1:
+        if not _more_to_come(session):
             session.finish()
 
     def _batch(self, session: Session) -> None:
         args = session.args
-        last = session.selected[-1].name if session.selected else ENTRY
         session.batch_running = True
         try:
             if not args.json:
@@ -424,8 +428,7 @@ class Mb2BreakCommand(XenCommand):
                     _print_record(session, r, len(session.records))
             stopped_on_fail = bool(session.records) and _failed(session.records[-1]) \
                 and not args.keep_going
-            while not stopped_on_fail and (not session.records
-                                           or session.records[-1]["stop"] != last):
+            while not stopped_on_fail and _more_to_come(session):
                 waiting_for = _next_name(session)
                 rip = xen_cmds._continue(time.monotonic() + args.timeout, waiting_for)
                 if session.stop_for(rip) is None:
@@ -447,7 +450,7 @@ class Mb2BreakCommand(XenCommand):
             session.finish()
         result = session.result()
         if args.json:
-            gdb.write(render.to_json({k: v for k, v in result.items() if k != "plan"}) + "\n")
+            gdb.write(render.to_json(result) + "\n")
         else:
             gdb.write(bootstops.summary_text(result) + "\n")
         failed = [f"{c['id']} at {r['stop']}" for r in result["stops"] for c in r["checks"]
@@ -457,6 +460,15 @@ class Mb2BreakCommand(XenCommand):
                               + ", ".join(failed[:6]) + (" ..." if len(failed) > 6 else ""))
         if result["error"]:
             raise GdbextError(f"xen-mb2-break: {result['error']}")
+
+
+def _more_to_come(session: Session) -> bool:
+    """Whether a wanted stop lies ahead (after the last one reported)."""
+    if not session.selected:
+        return False
+    if not session.records:
+        return any(s.name != ENTRY for s in session.selected)
+    return session.records[-1]["stop"] != session.selected[-1].name
 
 
 def _next_name(session: Session) -> str:

@@ -1,0 +1,182 @@
+"""xen-mb2-break on a real boot of Debian's Xen 4.17 (OVMF + GRUB under QEMU TCG).
+
+xen-mb2-break runs to the entry itself, so each test attaches GDB to a fresh lab
+that has not run at all: the command must find Xen without being told where it is.
+Expected addresses come from xen-syms (build_plan, nm values) and B from Xen's own
+console line; registers are cross-checked with QEMU's monitor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+from dataclasses import dataclass
+
+import pytest
+
+from gdbext.core import bootstops
+from gdbext.core.bootstops import ENTRY, HIGH_START, LOW, START_XEN, TRAMPOLINE_CR3, build_plan
+from gdbext.core.xensyms import load_xen_syms
+from gdbext.gdbdriver import GdbSession
+from gdbext.lab import XEN_LOAD_BASE_RE, Lab, LabConfig
+
+# Each wait of the session (and of the run to the entry) gives up after this long.
+WAIT_S = 120
+# A symbol Xen reaches just after printing its load base on the console.
+AFTER_LOAD_BASE_LINE = "early_cpu_init"
+
+
+@dataclass
+class Attached:
+    lab: Lab
+    gdb: GdbSession
+
+    def run(self, command: str, timeout: float = WAIT_S * 4):
+        return self.gdb.execute(command, timeout=timeout, check=False)
+
+    def qemu_registers(self) -> dict:
+        text = self.gdb.execute("monitor info registers").out
+        regs = {}
+        for name in ("RIP", "CR3"):
+            m = re.search(rf"\b{name}=([0-9a-fA-F]+)", text)
+            assert m, f"{name} missing from QEMU's info registers:\n{text}"
+            regs[name.lower()] = int(m.group(1), 16)
+        return regs
+
+    def console_load_base(self) -> int:
+        """Let Xen print its load base (it does so early in __start_xen), read it."""
+        run = self.gdb.execute(f"xen-run-to {AFTER_LOAD_BASE_LINE} --json --timeout {WAIT_S}",
+                               timeout=WAIT_S + 30).json()
+        assert run["at"] == "linked"
+        return int(self.lab.wait_for_serial(XEN_LOAD_BASE_RE, timeout=30).group(1), 16)
+
+    def read_u64(self, pa: int) -> int:
+        out = self.gdb.execute(f"monitor xp /1gx {pa:#x}").out
+        return int(out.split(":")[1].split()[0], 16)
+
+
+@contextlib.contextmanager
+def attached(xen_syms):
+    """A lab halted at its first instruction, GDB attached, xen-syms loaded: nothing run."""
+    lab = Lab(LabConfig(memory_mb=1024))
+    gdb = None
+    try:
+        lab.start()
+        gdb = GdbSession(log=lab.workdir / "gdb.log")
+        gdb.execute(f"target remote {lab.gdb_target}")
+        gdb.execute(f"xen-syms {xen_syms}")
+        yield Attached(lab, gdb)
+    finally:
+        if gdb is not None:
+            gdb.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(gdb.pid, signal.SIGKILL)
+        lab.stop()
+
+
+@pytest.fixture
+def fresh(xen_syms_path):
+    with attached(xen_syms_path) as a:
+        yield a
+
+
+@pytest.fixture(scope="module")
+def syms(xen_syms_path):
+    return load_xen_syms(xen_syms_path)
+
+
+@pytest.fixture(scope="module")
+def plan(syms):
+    return build_plan(syms)
+
+
+def json_lines(out: str):
+    return [json.loads(line) for line in out.splitlines() if line.strip().startswith("{")]
+
+
+def test_batch_reaches_start_xen_and_reports_each_stop(fresh, syms, plan):
+    reply = fresh.run(f"xen-mb2-break --batch --json --timeout {WAIT_S}")
+    assert reply.error is None, reply.error
+    result = reply.json()
+    assert result["error"] is None and result["ok"] and result["complete"]
+    assert result["reached"] == plan.names()
+    assert [r["stop"] for r in result["stops"]] == plan.names()
+    assert result["reached"][-1] == START_XEN
+
+    # Stopped at __start_xen: QEMU agrees on RIP and CR3.
+    qemu = fresh.qemu_registers()
+    last = result["stops"][-1]
+    assert last["rip"] == qemu["rip"] == syms.linked_va("__start_xen")
+    assert last["cr3"] == qemu["cr3"]
+
+    # B as Xen itself prints it; every stop was at the address xen-syms gives for it.
+    load_base = fresh.console_load_base()
+    assert result["load_base"] == load_base
+    trampoline_phys = fresh.read_u64(syms.pa("trampoline_phys", load_base))
+    assert 0 < trampoline_phys < 0x100000
+    for rec in result["stops"]:
+        stop = plan.get(rec["stop"])
+        assert rec["rip"] == stop.address(load_base, trampoline_phys), rec["stop"]
+        assert rec["kind"] == stop.kind
+    low = next(r for r in result["stops"] if r["stop"] == TRAMPOLINE_CR3)
+    assert plan.get(TRAMPOLINE_CR3).kind == LOW and low["rip"] < 0x100000
+
+    # Xen's CR3 from the trampoline's load on: B + offset(idle_pg_table).
+    idle = load_base + syms.offset("idle_pg_table")
+    by = {r["stop"]: r for r in result["stops"]}
+    assert by[HIGH_START]["cr3"] == idle == qemu["cr3"]
+    assert by[TRAMPOLINE_CR3]["cr3"] == idle
+    firmware_cr3 = by[ENTRY]["cr3"]
+    assert by[TRAMPOLINE_CR3]["changes"]["cr3_changed"]
+    assert by[TRAMPOLINE_CR3]["changes"]["cr3_old"] == firmware_cr3
+    # trampoline_setup relocated Xen's boot tables: the report counts the qwords.
+    relocated = by[bootstops.TABLES_RELOCATED]["changes"]
+    assert relocated["boot_qwords_changed"] > 0 and "idle_pg_table" in relocated["boot_changed"]
+
+    i9 = [c for r in result["stops"] for c in r["checks"] if c["id"] == "I9"]
+    assert any(c["status"] == "PASS" for c in i9), i9
+    assert result["counts"]["FAIL"] == 0
+
+
+def test_interactive_stops_at_entry_then_next_stop_on_continue(fresh, syms, plan):
+    bad = fresh.run("xen-mb2-break --stops trampolin")
+    assert bad.error and "unknown stop 'trampolin'" in bad.error and "\n" not in bad.error
+
+    reply = fresh.run(f"xen-mb2-break --json --timeout {WAIT_S}")
+    assert reply.error is None, reply.error
+    (entry,) = json_lines(reply.out)
+    assert entry["stop"] == ENTRY
+    qemu = fresh.qemu_registers()
+    assert entry["rip"] == qemu["rip"] and entry["cr3"] == qemu["cr3"]
+    load_base = entry["rip"] - syms.offset(ENTRY)
+    assert load_base % 0x200000 == 0
+    assert [c["id"] for c in entry["checks"]] == list(plan.checks_for(plan.get(ENTRY)))
+
+    # The planted breakpoints are internal and silent: none for the user to see, and
+    # 'continue' prints the next stop's report, not GDB's "Breakpoint -N" line.
+    assert "No breakpoints" in fresh.run("info breakpoints").out
+    step = fresh.run("continue", timeout=WAIT_S)
+    assert step.error is None, step.error
+    assert "Breakpoint" not in step.out
+    (second,) = json_lines(step.out)
+    nxt = plan.stops[1]
+    assert second["stop"] == nxt.name
+    assert second["rip"] == nxt.address(load_base) == fresh.qemu_registers()["rip"]
+    assert second["changes"]["cr3_old"] == entry["cr3"]
+
+
+def test_batch_text_with_chosen_stops(fresh, plan):
+    """Only the entry, the trampoline's CR3 load and __start_xen: trampoline_phys is
+    learnt at a helper stop that is not reported; the summary table lists the three."""
+    wanted = [ENTRY, TRAMPOLINE_CR3, START_XEN]
+    reply = fresh.run(f"xen-mb2-break --batch --timeout {WAIT_S} "
+                      f"--stops '{','.join(wanted)}'")
+    assert reply.error is None, reply.error
+    reports = re.findall(r"^xen-mb2-break: \[(\d+)/3\] ([^:]+):", reply.out, re.M)
+    assert [name for _n, name in reports] == wanted
+    table = reply.out[reply.out.index("stop  "):]
+    assert [line.split("  ")[0] for line in table.splitlines()[2:5]] == wanted
+    assert table.strip().splitlines()[-1].startswith("complete: 3 stops")
