@@ -180,3 +180,22 @@ def test_batch_text_with_chosen_stops(fresh, plan):
     table = reply.out[reply.out.index("stop  "):]
     assert [line.split("  ")[0] for line in table.splitlines()[2:5]] == wanted
     assert table.strip().splitlines()[-1].startswith("complete: 3 stops")
+
+
+def test_predicted_failure_stops_unless_keep_going(fresh, syms):
+    """--predict on the Debian build: the RFC's merge fails at the entry (slot 261 still
+    holds l3_xenmap's link-time address); the batch stops there with one error line,
+    and with --keep-going it goes on to __start_xen and still fails at the end."""
+    reply = fresh.run(f"xen-mb2-break --batch --predict --json --timeout {WAIT_S}")
+    assert reply.error is not None and "\n" not in reply.error
+    assert re.search(r"check\(s\) failed: .*\bI3 at __efi64_mb2_start\b", reply.error)
+    # QEMU: the guest is at __efi64_mb2_start's load address (its bytes, 2 MiB-aligned B).
+    entry_rip = fresh.qemu_registers()["rip"]
+    assert (entry_rip - syms.offset(ENTRY)) % 0x200000 == 0
+    code = syms.read_linked(syms.linked_va(ENTRY), 16)
+    assert [fresh.read_u64(entry_rip), fresh.read_u64(entry_rip + 8)] == [
+        int.from_bytes(code[:8], "little"), int.from_bytes(code[8:], "little")]
+    # Still at the entry (the session stopped on the FAIL), so this run starts there.
+    again = fresh.run(f"xen-mb2-break --batch --predict --keep-going --json --timeout {WAIT_S}")
+    assert again.error is not None and "I3 at __efi64_mb2_start" in again.error
+    assert fresh.qemu_registers()["rip"] == syms.linked_va("__start_xen")
