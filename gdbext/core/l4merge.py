@@ -17,6 +17,22 @@ switches CR3 to M and calls ``efi_multiboot2`` at its linked VA.
   ``render_text()`` its text form.
 
 All load-address arithmetic and pointer classes come from ``xenimage``.
+
+Public API (stable; B2's commands and bootstops build on it):
+
+* ``CheckResult`` (``as_dict()`` = the brief's check contract), ``PASS``,
+  ``FAIL``, ``WARN``, ``SKIP``, ``CHECKS`` (id -> title, reviewer),
+  ``CHECK_IDS``, ``CALL_CHECKS``, ``CHECKS_AT_STOP`` (stop name -> ids).
+* ``MergeState`` (inputs; ``firmware_cr3`` is the raw CR3 for I0's low-bits
+  test, ``firmware_root`` its PA; registers by lower-case name, optional
+  ``gdtr_base`` / ``idtr_base`` for I7).
+* ``predict_merge(syms, mem, load_base, firmware_root, relocate=False,
+  table_pa=None, maxphyaddr=52) -> Prediction`` (``mem``, ``root``,
+  ``writes``, ``originals``, ``entries``, ``table_source``);
+  ``default_table_pa(xen)`` explains where M goes without ``efi_l4_bootmap``.
+* ``run_checks(state, only=None, skip=None)``, ``select(only, skip)``,
+  ``counts``, ``ok``, ``results_as_dict(mode, stop, state, results)``,
+  ``render_text(results, color=False)``, ``parse_mbi(mem, pa)``.
 """
 
 from __future__ import annotations
