@@ -33,6 +33,8 @@ EXIT_NOT_RUN = 2    # the run itself could not be done
 
 SUITES_NAME = "xen-boot-check"
 REACHED_CASE = "reached"
+CHECKS_CASE = "checks could be made"
+RUN_SUITE = "run"
 
 # Evidence integers at least this large are shown in hex (addresses, entries),
 # except under keys that name counts and positions (L4 slot 261, not 0x105).
@@ -187,6 +189,13 @@ def junit_xml(result: Optional[Dict[str, object]], planned_stops: Sequence[str] 
             failure.text = why
             counts["failures"] += 1
 
+        if stop is not None and stop.get("error"):
+            # The checks of this stop could not be made (e.g. a build-id mismatch).
+            case = ET.SubElement(suite, "testcase", classname=classname, name=CHECKS_CASE)
+            ET.SubElement(case, "error", message=str(stop["error"]), type="CHECKS").text = \
+                str(stop["error"])
+            counts["tests"] += 1
+            counts["errors"] += 1
         for check in (stop or {}).get("checks") or []:
             case = ET.SubElement(suite, "testcase", classname=classname, name=case_name(check))
             counts["tests"] += 1
@@ -207,12 +216,13 @@ def junit_xml(result: Optional[Dict[str, object]], planned_stops: Sequence[str] 
             suite.set(key, str(value))
             totals[key] += value
 
-    if run_error:
+    if error:
         # The run itself broke: one suite CI shows as an error, with the reason.
-        suite = ET.SubElement(root, "testsuite", name="run", tests="1", failures="0",
+        suite = ET.SubElement(root, "testsuite", name=RUN_SUITE, tests="1", failures="0",
                               errors="1", skipped="0")
-        case = ET.SubElement(suite, "testcase", classname=f"{suites_name}.run", name="boot check run")
-        ET.SubElement(case, "error", message=run_error, type="RUN").text = run_error
+        case = ET.SubElement(suite, "testcase", classname=f"{suites_name}.{RUN_SUITE}",
+                             name="boot check run")
+        ET.SubElement(case, "error", message=str(error), type="RUN").text = str(error)
         totals["tests"] += 1
         totals["errors"] += 1
     for key, value in totals.items():

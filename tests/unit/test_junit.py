@@ -134,3 +134,15 @@ def test_a_run_that_judged_nothing_is_not_a_pass():
     assert junit.exit_status(r) == junit.EXIT_NOT_RUN
     assert "no check was made" in junit.not_run_reason(r, None)
     assert junit.not_run_reason(r, "QEMU died") == "QEMU died"
+
+
+def test_errors_of_the_session_and_of_a_stop_are_errors():
+    bad = stop("__efi64_mb2_start", check("I0", "PASS"))
+    bad["error"] = "checks at __efi64_mb2_start: build-id mismatch"
+    r = result([bad], complete=True, error=bad["error"])
+    root, suites = parse(junit.junit_xml(r, ["__efi64_mb2_start"]))
+    err = suites["__efi64_mb2_start"].find("testcase[@name='checks could be made']/error")
+    assert err.get("message") == bad["error"]
+    assert suites["run"].find("testcase/error").get("message") == bad["error"]
+    assert root.get("errors") == "2"
+    assert junit.exit_status(r) == junit.EXIT_NOT_RUN
