@@ -762,12 +762,15 @@ def to_dot(models: Sequence[TreeModel], title: str = "") -> str:
     summarised in their L3's rows), one edge per present L4 pointer, one cluster per tree."""
     if not models:
         raise GdbextError("nothing to draw: no page-table tree given")
-    out = ["digraph l4_trees {",
+    head = ["digraph l4_trees {",
            "  rankdir=LR;",
            f'  graph [fontname="DejaVu Sans Mono", label={_dot_str(title or "")}, labelloc=t];',
            '  node [shape=plain, fontname="DejaVu Sans Mono", fontsize=10];',
            '  edge [fontname="DejaVu Sans Mono", fontsize=9];']
+    clusters: List[List[str]] = []
     for mi, m in enumerate(models):
+        out = []
+        clusters.append(out)
         out.append(f"  subgraph cluster_{mi} {{")
         out.append(f"    label={_dot_str(m.title + ' - ' + model_caption(m)[0])};")
         rows = [f'<tr><td colspan="2" bgcolor="{OWNER_STROKE[m.root_owner]}">'
@@ -820,8 +823,10 @@ def to_dot(models: Sequence[TreeModel], title: str = "") -> str:
                        f"[color={_dot_str(colour)}, fontcolor={_dot_str(colour)}, "
                        f"label={_dot_str(label)}];")
         out.append("  }")
-    out.append("}")
-    return "\n".join(out) + "\n"
+    # dot stacks clusters of a left-to-right graph bottom-up: emit the last tree first
+    # so that the first one reads at the top.
+    lines = head + [line for cluster in reversed(clusters) for line in cluster] + ["}"]
+    return "\n".join(lines) + "\n"
 
 
 # --- text and files -----------------------------------------------------------------------------

@@ -26,9 +26,11 @@ from .paging_cmds import add_root_options, situation
 class DiagramResult:
     models: List[diagram.TreeModel]
     files: List[str] = field(default_factory=list)   # paths written, SVG first
+    note: Optional[str] = None                       # why Xen's objects are not named
 
     def as_dict(self) -> dict:
-        return {"files": self.files, "models": [m.as_dict() for m in self.models]}
+        return {"files": self.files, "note": self.note,
+                "models": [m.as_dict() for m in self.models]}
 
 
 class _RootArgs:
@@ -39,21 +41,14 @@ class _RootArgs:
         self.mode = mode
 
 
-def loaded_xen(required: bool) -> Optional[LoadedXen]:
-    """Xen's image at its load base, from xen-syms and the load base xen-run-to found.
+def loaded_xen(required: bool) -> Tuple[Optional[LoadedXen], Optional[str]]:
+    """Xen's image at its load base (xen_cmds), and why not when it is unknown.
 
-    Optional for a plain diagram (without it nothing is named or judged);
-    ``required`` for the predicted merges."""
-    require_loaded = getattr(xen_cmds, "require_loaded", None)
-    if not required and (xen_cmds.STATE.syms is None or xen_cmds.STATE.load_base is None):
-        return None
-    if require_loaded is not None:
-        return require_loaded()
-    syms = xen_cmds.require_syms()
-    if xen_cmds.STATE.load_base is None:
-        raise GdbextError("Xen's load base is unknown: stop in Xen first with "
-                          "'xen-run-to __efi64_mb2_start'")
-    return LoadedXen(syms, xen_cmds.STATE.load_base)
+    Optional for a plain diagram (without it nothing is named or judged; the note
+    says why); ``required`` (one-line GdbextError) for the predicted merges."""
+    if required:
+        return xen_cmds.require_loaded(), None
+    return xen_cmds.loaded_or_note()
 
 
 def _where(xen: Optional[LoadedXen]) -> Tuple[Optional[str], str]:
@@ -86,12 +81,14 @@ def _predicted(sit, cache, xen: LoadedXen, relocate: bool) -> diagram.TreeModel:
 
 
 def build_models(root: str = "cr3", mode: Optional[str] = None, predict: bool = False,
-                 assume_relocated: bool = False, compare: bool = False) -> List[diagram.TreeModel]:
-    """The trees to draw, read from the stopped target (no file written)."""
+                 assume_relocated: bool = False, compare: bool = False
+                 ) -> Tuple[List[diagram.TreeModel], Optional[str]]:
+    """The trees to draw, read from the stopped target (no file written), and a note
+    when Xen's objects cannot be named."""
     t = target()
     with t.phys_mode():
         sit = situation(_RootArgs(root, mode))
-        xen = loaded_xen(required=predict or compare)
+        xen, note = loaded_xen(required=predict or compare)
         where, outside = _where(xen)
         at = "" if not where else f" {where}" if where.startswith("after ") else f" at {where}"
         src = "CR3" if sit.root_source == "cr3" else f"root {sit.root_source}"
@@ -106,7 +103,7 @@ def build_models(root: str = "cr3", mode: Optional[str] = None, predict: bool = 
             models.append(_predicted(sit, t.cache, xen, relocate=True))
         elif predict:
             models.append(_predicted(sit, t.cache, xen, relocate=assume_relocated))
-    return models
+    return models, note
 
 
 def write_diagram(svg: Optional[str] = None, dot: Optional[str] = None, *, root: str = "cr3",
@@ -123,8 +120,8 @@ def write_diagram(svg: Optional[str] = None, dot: Optional[str] = None, *, root:
     the relocated merge side by side.  ``title`` heads the picture.
     Returns the models and the paths written; raises GdbextError (one line).
     """
-    models = build_models(root, mode, predict, assume_relocated, compare)
-    return DiagramResult(models, diagram.write_files(models, svg, dot, title))
+    models, note = build_models(root, mode, predict, assume_relocated, compare)
+    return DiagramResult(models, diagram.write_files(models, svg, dot, title), note)
 
 
 class DiagramCommand(XenCommand):
@@ -175,6 +172,8 @@ class DiagramCommand(XenCommand):
         else:
             lines = [diagram.to_text(result.models),
                      "(give --svg FILE and/or --dot FILE for a picture)"]
+        if result.note:
+            lines.append(f"({result.note})")
         text = "\n".join(lines)
         if use_color(from_tty):
             text = render.colorize(text)
