@@ -548,6 +548,25 @@ def test_i9(syms):
     assert r.status == SKIP and "not idle_pg_table" in r.summary
 
 
+def test_i9_flags_and_removed_entries(syms):
+    g, state = at_trampoline(syms)
+    slot = xen_slot(syms)
+    entry_pa = pa(syms, g.load_base, "idle_pg_table") + 8 * slot
+    g.mem.write_u64(entry_pa, u64(g.mem, entry_pa) | NX)
+    r = check(state, "I9")
+    assert r.status == FAIL and r.evidence["kinds"]["flags-differ"] == 1
+    # Xen drops idle_pg_table's identity slot once __start_xen runs: not a fault
+    # after __start_xen, a fault at the trampoline.
+    g, state = at_trampoline(syms)
+    ident = next(i for i in range(256) if idle_link(syms, i) & P)
+    g.mem.write_u64(pa(syms, g.load_base, "idle_pg_table") + 8 * ident, 0)
+    r = check(state, "I9")
+    assert r.status == FAIL and "not-present" in r.summary
+    state.stop = "after __start_xen"
+    r = check(state, "I9")
+    assert r.status == PASS and r.evidence["kinds"]["not-present"] == 1
+
+
 def test_i9_catches_the_relocated_merge_left_in_place(syms):
     """xen-l4merge-apply --relocate without --undo: trampoline_setup adds B again."""
     g, pred = predicted(syms, True)
