@@ -675,9 +675,10 @@ def test_selection(syms, relocated):
 def test_unreadable_memory_is_a_fail_naming_it(syms):
     g, pred = predicted(syms, True)
     st = state_for(g, pred, merged_root=g.mem.ram_size + PAGE)
-    r = check(st, "I3")
-    assert r.status == FAIL and "unreadable" in r.summary
-    assert r.evidence["pa"] == g.mem.ram_size + PAGE
+    for cid in ("I3", "I4"):
+        r = check(st, cid)
+        assert r.status == FAIL and "unreadable" in r.summary
+        assert r.evidence["pa"] == g.mem.ram_size + PAGE
 
 
 def test_json_contract_and_text(syms, plain):
