@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from gdbext.bootcheck import keep_output, split_kept_output
 from gdbext.core import bootstops
 from gdbext.core.bootstops import ENTRY, HIGH_START, LOW, START_XEN, TRAMPOLINE_CR3, build_plan
 from gdbext.core.xensyms import load_xen_syms
@@ -189,13 +190,22 @@ def test_predicted_failure_stops_unless_keep_going(fresh, syms):
     reply = fresh.run(f"xen-mb2-break --batch --predict --json --timeout {WAIT_S}")
     assert reply.error is not None and "\n" not in reply.error
     assert re.search(r"check\(s\) failed: .*\bI3 at __efi64_mb2_start\b", reply.error)
+    # The JSON line is printed before the error (kept the way xen-boot-check keeps it).
+    out, error = split_kept_output(fresh.run(keep_output(
+        f"xen-mb2-break --batch --predict --json --timeout {WAIT_S}")).out)
+    assert error == reply.error
+    result = json_lines(out)[-1]
+    assert result["reached"] == [ENTRY] and not result["complete"] and not result["ok"]
+    i3 = next(c for c in result["stops"][0]["checks"] if c["id"] == "I3")
+    assert i3["status"] == "FAIL" and "l3_xenmap" in i3["summary"]
+    assert result["stops"][0]["mode"] == "predict"
     # QEMU: the guest is at __efi64_mb2_start's load address (its bytes, 2 MiB-aligned B).
     entry_rip = fresh.qemu_registers()["rip"]
     assert (entry_rip - syms.offset(ENTRY)) % 0x200000 == 0
     code = syms.read_linked(syms.linked_va(ENTRY), 16)
     assert [fresh.read_u64(entry_rip), fresh.read_u64(entry_rip + 8)] == [
         int.from_bytes(code[:8], "little"), int.from_bytes(code[8:], "little")]
-    # Still at the entry (the session stopped on the FAIL), so this run starts there.
+    # Still at the entry (each session stopped on the FAIL), so this run starts there.
     again = fresh.run(f"xen-mb2-break --batch --predict --keep-going --json --timeout {WAIT_S}")
     assert again.error is not None and "I3 at __efi64_mb2_start" in again.error
     assert fresh.qemu_registers()["rip"] == syms.linked_va("__start_xen")
