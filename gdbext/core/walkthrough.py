@@ -176,16 +176,8 @@ def walk_text(loaded: LoadedXen, w: paging.Walk, names: Optional[Dict[int, str]]
               entry_note=None) -> str:
     """xen-va2pa's layout with every table named; ``entry_note(step)`` may add how a
     pointer read from a Xen table compares with its link value (the GDB layer passes
-    xen-va2pa's own judgement). Entries of the tables the caller named (a predicted
-    M living in a borrowed page) get no note: their link value is not theirs."""
-    given = names or {}
-
-    def note(step):
-        if entry_note is None or step.table_pa in given:
-            return None
-        return entry_note(step)
-
-    return render.walk_text(w, walk_namer(loaded, w, names), note)
+    xen-va2pa's own judgement)."""
+    return render.walk_text(w, walk_namer(loaded, w, names), entry_note)
 
 
 def walk_record(loaded: LoadedXen, w: paging.Walk, title: str,
@@ -193,12 +185,10 @@ def walk_record(loaded: LoadedXen, w: paging.Walk, title: str,
     """The JSON form: xen-va2pa's walk_dict plus the name of each table and of the PA,
     and the note on each entry (see walk_text)."""
     namer = walk_namer(loaded, w, names)
-    given = names or {}
     d = render.walk_dict(w)
     for level, step in zip(d["levels"], w.steps):
         level["table_name"] = namer(level["table"])
-        level["note"] = (entry_note(step) if entry_note is not None
-                         and step.table_pa not in given else None)
+        level["note"] = entry_note(step) if entry_note is not None else None
     d["pa_name"] = namer(w.pa) if w.mapped else None
     d["title"] = title
     return d
@@ -220,6 +210,14 @@ class MergeWalk:
                 "bytes_match": self.bytes_match,
                 "walk": walk_record(loaded, self.walk, title, {self.root: self.label},
                                     entry_note)}
+
+
+def merged_entry_verdict(loaded: LoadedXen, merged_root: int, step):
+    """An entry of a merged L4 M judged as what it was copied from: the upper half
+    against idle_pg_table's link values (the lower half is the firmware's: None)."""
+    if step.table_pa != merged_root or step.index < 256 or not step.entry.present:
+        return None
+    return loaded.judge_entry("idle_pg_table", step.index, step.entry.raw)
 
 
 def merge_walk(loaded: LoadedXen, ctx: paging.PagingContext, mem, root: int, va: int,
@@ -274,6 +272,12 @@ COMPARISON_TEXT = (
     "address of l3_xenmap, in the firmware's memory; with B added to each pointer first "
     "(\"adjust the pointers\", the review), the walk lands on efi_multiboot2's own bytes. "
     "Both tables below are predictions: nothing is written to the guest.")
+
+
+def load_base_line(loaded: LoadedXen) -> str:
+    entry = loaded.syms.offset(bs.ENTRY)
+    return (f"   Xen's load base B = {loaded.load_base:#x}: RIP - {entry:#x}, the offset of "
+            f"{bs.ENTRY} (where GRUB put Xen)")
 
 
 def stop_header(index: int, total: int, stop: str, rip: int, cr3: int, cr0: int,

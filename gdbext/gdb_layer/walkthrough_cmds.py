@@ -157,10 +157,15 @@ def _checks_text(checks: List[dict], mode: Optional[str]) -> Optional[str]:
     return f"checks here{how}: " + ", ".join(f"{c['id']} {c['status']}" for c in checks)
 
 
-def _entry_note(xen: LoadedXen):
-    """xen-va2pa's word on a pointer read from one of Xen's boot tables."""
+def _entry_note(xen: LoadedXen, merged_root: Optional[int] = None):
+    """xen-va2pa's word on a pointer read from one of Xen's boot tables; in a predicted
+    merged L4 (which borrows another table's page), on its upper half as copied from
+    idle_pg_table."""
     def note(step) -> Optional[str]:
-        v = judge_step(xen, step)
+        if merged_root is not None and step.table_pa == merged_root:
+            v = wt.merged_entry_verdict(xen, merged_root, step)
+        else:
+            v = judge_step(xen, step)
         return verdict_text(v) if v is not None else None
     return note
 
@@ -205,9 +210,9 @@ def comparison_text(xen: LoadedXen, comp: dict) -> str:
     parts = ["-- The RFC's merged L4, predicted: raw copy vs relocated copy",
              wt.wrap(wt.COMPARISON_TEXT.format(slot=raw.slot)), "",
              f"efi_multiboot2's linked address {comp['linked_va']:#x} through {raw.label}:",
-             wt.walk_text(xen, raw.walk, {raw.root: raw.label}, _entry_note(xen)), "",
+             wt.walk_text(xen, raw.walk, {raw.root: raw.label}, _entry_note(xen, raw.root)), "",
              f"The same address through {rel.label}:",
-             wt.walk_text(xen, rel.walk, {rel.root: rel.label}, _entry_note(xen)), "",
+             wt.walk_text(xen, rel.walk, {rel.root: rel.label}, _entry_note(xen, rel.root)), "",
              wt.comparison_table(xen, raw, rel)]
     verdicts = comp["verdicts"]
     for key, title in (("raw", "xen-l4merge-check --predict"),
@@ -227,8 +232,9 @@ def comparison_dict(xen: LoadedXen, comp: dict) -> dict:
     linked = comp["linked_va"]
     title = f"efi_multiboot2 {linked:#x}"
     return {"linked_va": linked,
-            "raw": comp["raw"].as_dict(xen, title, _entry_note(xen)),
-            "relocated": comp["relocated"].as_dict(xen, title, _entry_note(xen)),
+            "raw": comp["raw"].as_dict(xen, title, _entry_note(xen, comp["raw"].root)),
+            "relocated": comp["relocated"].as_dict(xen, title,
+                                                   _entry_note(xen, comp["relocated"].root)),
             "verdicts": comp["verdicts"]}
 
 
@@ -363,6 +369,8 @@ class WalkthroughCommand(XenCommand):
         emit("")
         emit(wt.stop_header(number, total, stop, record["rip"], regs["cr3"], regs["cr0"],
                             record.get("symbol") or record.get("where")))
+        if stop == bs.ENTRY:
+            emit(wt.load_base_line(xen))
         emit(wt.wrap(lesson.text))
         with target().phys_mode():
             w, why = stop_walk(xen, session.plan, lesson, regs)

@@ -118,3 +118,19 @@ def test_stop_header_says_when_paging_is_off():
     head = wt.stop_header(7, 11, bootstops.TRAMPOLINE_SETUP, 0x1234, 0x5000, 0x11, "here")
     assert head.startswith("== Stop 7/11: trampoline_setup - ")
     assert "paging OFF (CR0.PG=0)" in head and "RIP 0x1234 (here)" in head
+
+
+def test_merged_l4_entries_are_judged_as_copies_of_idle_pg_table(syms, base):
+    from gdbext.core import xenimage
+
+    xen = LoadedXen(syms, base)
+    va = syms.linked_va(wt.CALL_TARGET)
+    root = xen.pa("idle_pg_table")   # stands for M: its upper half is the same qwords
+    kinds = []
+    for relocate in (False, True):
+        w = paging.walk(CTX, xen_tables(syms, base, relocate), root, va)
+        kinds.append(wt.merged_entry_verdict(xen, root, w.steps[0]).kind)
+        assert wt.merged_entry_verdict(xen, root + 0x1000, w.steps[0]) is None  # not M
+    assert kinds == [xenimage.UNRELOCATED, xenimage.RELOCATED]
+    low = paging.walk(CTX, xen_tables(syms, base, True), root, xen.pa("__efi64_mb2_start"))
+    assert wt.merged_entry_verdict(xen, root, low.steps[0]) is None   # the firmware's half
