@@ -1,0 +1,390 @@
+"""Issue 5 on a real boot of Debian's Xen 4.17: xen-l4merge-check and xen-l4merge-apply.
+
+Oracles: xen-syms (link-time entries, offsets, the bytes of efi_multiboot2),
+QEMU's monitor (info registers, gva2gpa, xp) and the guest itself (it executes
+at the linked address or it does not).  Slots, offsets and addresses are
+derived from xen-syms and the boot, never written here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+
+import pytest
+
+from gdbext.core.l4merge import CALL_CHECKS
+from gdbext.core.qemu import parse_gva2gpa
+from gdbext.core.xensyms import load_xen_syms
+
+ENTRY = "__efi64_mb2_start"
+CALL_TARGET = "efi_multiboot2"
+XP_LINE = re.compile(r"^([0-9a-fA-F]+):((?:\s+0x[0-9a-fA-F]+)+)\s*$")
+ERROR_MARK = "@@gdbext-error@@ "
+PAGE = 4096
+
+
+@pytest.fixture(scope="module")
+def syms(xen_syms_path):
+    return load_xen_syms(xen_syms_path)
+
+
+def capture(stop, command: str):
+    """(output, error line) of a GDB command, keeping the output of one that fails.
+
+    The driver runs commands with to_string=True, which drops what a failing command
+    printed; xen-l4merge-check prints its report and then fails when a check FAILs."""
+    code = (f"try:\n gdb.execute({command!r})\n"
+            f"except gdb.error as e:\n gdb.write({ERROR_MARK!r} + str(e) + '\\n')\n")
+    out = stop.cmd(f"python exec({code!r})", timeout=180).out
+    error = None
+    kept = []
+    for line in out.splitlines():
+        if line.startswith(ERROR_MARK):
+            error = line[len(ERROR_MARK):]
+        else:
+            kept.append(line)
+    return "\n".join(kept), error
+
+
+def json_line(text: str) -> dict:
+    lines = [ln for ln in text.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, text
+    return json.loads(lines[0])
+
+
+def qemu_registers(stop) -> dict:
+    """Every register QEMU's 'info registers' prints as NAME=hex (GPRs, RIP, CRs, EFER)."""
+    text = stop.monitor("info registers")
+    regs = {name.lower(): int(value, 16)
+            for name, value in re.findall(r"\b([A-Z][A-Z0-9]*)\s*=([0-9a-fA-F]{8,16})\b", text)}
+    for name in ("rip", "rsp", "rax", "cr3", "cr0", "cr4", "efer"):
+        assert name in regs, (name, text)
+    return regs
+
+
+def xp(stop, pa: int, size: int) -> bytes:
+    """Guest physical memory through QEMU's monitor (not through our backend)."""
+    start = pa & ~7
+    count = (pa + size - start + 7) // 8
+    data = bytearray()
+    for line in stop.monitor(f"xp /{count}gx {start:#x}").splitlines():
+        m = XP_LINE.match(line.strip())
+        if m:
+            for word in m.group(2).split():
+                data += int(word, 16).to_bytes(8, "little")
+    assert len(data) == count * 8, f"short xp answer at {pa:#x}"
+    return bytes(data[pa - start:pa - start + size])
+
+
+def gdb_bytes(stop, expr: str, size: int) -> bytes:
+    """Bytes through GDB's own virtual-memory read (the CPU's current CR3)."""
+    out = stop.cmd(f"x/{size}xb {expr}").out
+    return bytes(int(b, 16) for line in out.splitlines() for b in line.split(":")[1].split())
+
+
+def phymem_mode(stop) -> str:
+    out = stop.cmd("maintenance packet qqemu.PhyMemMode").out
+    return re.search(r'received: "(.*)"', out).group(1)
+
+
+def slot_of(syms, va: int) -> int:
+    return (va >> 39) & 0x1FF
+
+
+def xenmap_slot(syms) -> int:
+    """The L4 slot of XEN_VIRT_START, and a check that idle_pg_table links it to l3_xenmap."""
+    slot = slot_of(syms, syms.virt_start)
+    link = syms.read_u64(syms.linked_va("idle_pg_table") + 8 * slot)
+    assert link & 1 and link & ~0xFFF == syms.offset("l3_xenmap")
+    return slot
+
+
+def call_instruction_pa(syms, load_base: int) -> int:
+    """B + offset of the e8 call of efi_multiboot2 in __efi64_mb2_start (decoded here)."""
+    start = syms.linked_va(ENTRY)
+    code = syms.read_linked(start, 0x200)
+    target = syms.linked_va(CALL_TARGET)
+    for i in range(len(code) - 5):
+        if code[i] == 0xE8 and start + i + 5 + struct.unpack_from("<i", code, i + 1)[0] == target:
+            return load_base + syms.offset(start + i)
+    raise AssertionError("no call of efi_multiboot2 in __efi64_mb2_start")
+
+
+def table_pages(syms, load_base: int):
+    """Every page of Xen's boot tables (where the patch and the relocation write)."""
+    pages = []
+    for table, sym in syms.boot_tables():
+        first = load_base + syms.offset(sym.value)
+        pages.extend(first + i * PAGE for i in range(table.pages))
+    return pages
+
+
+def read_pages(stop, pages):
+    return {pa: xp(stop, pa, PAGE) for pa in pages}
+
+
+def assert_within(pages, pa: int, length: int):
+    assert any(p <= pa and pa + length <= p + PAGE for p in pages), f"{pa:#x}+{length}"
+
+
+def failed_ids(error: str):
+    m = re.fullmatch(r"xen-l4merge-check: (\d+) checks? failed: ([I0-9, ]+)", error or "")
+    assert m, error
+    ids = m.group(2).split(", ")
+    assert int(m.group(1)) == len(ids)
+    return ids
+
+
+# --- predict mode at the entry (read-only session) -------------------------------------
+
+def test_predict_fails_on_slot_of_l3_xenmap_link_address(at_entry, syms):
+    stop = at_entry
+    base = stop.run["load_base"]
+    slot = xenmap_slot(syms)
+    regs_before = qemu_registers(stop)
+    out, error = capture(stop, "xen-l4merge-check --json")
+    result = json_line(out)
+    assert result["mode"] == "predict" and result["stop"] == ENTRY
+    assert result["load_base"] == base and result["ok"] is False
+    assert result["firmware_root"] == regs_before["cr3"] & ~0xFFF
+    checks = {c["id"]: c for c in result["checks"]}
+    assert sorted(failed_ids(error)) == sorted(i for i, c in checks.items()
+                                               if c["status"] == "FAIL")
+    # The reason named: M[slot of XEN_VIRT_START] holds l3_xenmap's link-time address.
+    link_pa = syms.offset("l3_xenmap")
+    guest_entry = struct.unpack("<Q", xp(stop, base + syms.offset("idle_pg_table") + 8 * slot,
+                                         8))[0]
+    for cid in ("I3", "I4"):
+        assert checks[cid]["status"] == "FAIL"
+        fault = next(f for f in checks[cid]["evidence"]["faults"] if f["where"] == f"M[{slot}]")
+        assert fault["kind"] == "unrelocated"
+        assert fault["target_pa"] == link_pa
+        assert fault["found"] == guest_entry          # what is really in idle_pg_table
+        assert fault["expected_pa"] == base + link_pa
+        assert fault["target_name"] == "l3_xenmap"
+        assert f"M[{slot}]" in checks[cid]["summary"] and "l3_xenmap" in checks[cid]["summary"]
+    i6 = checks["I6"]
+    assert i6["status"] == "FAIL"
+    assert i6["evidence"]["linked_va"] == syms.linked_va(CALL_TARGET)
+    assert i6["evidence"]["fault"]["where"] == f"M[{slot}]"
+    assert i6["evidence"]["walk"][0]["index"] == slot_of(syms, syms.linked_va(CALL_TARGET))
+    # Predicting wrote nothing: CR3 and RIP as before, the table page untouched.
+    assert qemu_registers(stop)["cr3"] == regs_before["cr3"]
+    assert qemu_registers(stop)["rip"] == regs_before["rip"]
+    assert phymem_mode(stop) == "0"
+
+
+def test_predict_text_report_then_one_error_line(at_entry, syms):
+    slot = xenmap_slot(syms)
+    out, error = capture(at_entry, "xen-l4merge-check")
+    assert "predict at __efi64_mb2_start" in out
+    assert re.search(r"^I3\s+FAIL\s", out, re.M) and re.search(r"^I0\s+PASS\s", out, re.M)
+    assert f"I3 FAIL: M[{slot}]" in out and "reviewer: Frediano" in out
+    assert "\x1b[" not in out           # no colour: not a terminal
+    assert "I3" in failed_ids(error) and "\n" not in error
+
+
+def test_assume_relocated_passes_the_call_checks(at_entry, syms):
+    stop = at_entry
+    base = stop.run["load_base"]
+    out, error = capture(stop, "xen-l4merge-check --assume-relocated --json")
+    result = json_line(out)
+    assert result["mode"] == "predict-relocated"
+    checks = {c["id"]: c for c in result["checks"]}
+    for cid in CALL_CHECKS:
+        assert checks[cid]["status"] == "PASS", (cid, checks[cid]["summary"])
+    assert checks["I6"]["evidence"]["pa"] == base + syms.offset(CALL_TARGET)
+    assert checks["I6"]["evidence"]["bytes_compared"] > 0
+    assert error is None and result["ok"] is True
+
+
+def test_python_api_never_raises_for_fails(at_entry, syms):
+    stop = at_entry
+    out = stop.cmd("python import json; from gdbext.gdb_layer import merge_cmds as m; "
+                   "print(json.dumps({'check': m.check_here(only=['I3', 'I6']), "
+                   "'firmware': m.remember_firmware()}))").out
+    got = json_line(out)
+    assert [c["id"] for c in got["check"]["checks"]] == ["I3", "I6"]
+    assert got["check"]["ok"] is False and got["check"]["counts"]["FAIL"] == 2
+    regs = qemu_registers(stop)
+    fw = got["firmware"]
+    assert fw["cr3"] == regs["cr3"] and fw["root"] == regs["cr3"] & ~0xFFF
+    assert fw["rip"] == regs["rip"] and fw["rsp"] == regs["rsp"] and fw["rbx"] == regs["rbx"]
+    assert fw["l4_bytes"] == PAGE
+
+
+# --- bad input: one line, physical mode restored ------------------------------------------
+
+def test_bad_input_is_one_line(at_entry):
+    stop = at_entry
+    cases = {
+        "xen-l4merge-check --only I3,I99": "I99",
+        "xen-l4merge-check --skip bogus": "BOGUS",
+        "xen-l4merge-apply --undo": "nothing to undo",
+        "xen-l4merge-apply --undo --relocate": "--undo takes no other option",
+        "xen-l4merge-check --table 0x1001": "not 4 KiB aligned",
+    }
+    for command, words in cases.items():
+        reply = stop.gdb.execute(command, check=False)
+        assert reply.error and words in reply.error, (command, reply.error)
+        assert "\n" not in reply.error and "Traceback" not in reply.out + reply.error
+        assert phymem_mode(stop) == "0", command
+
+
+def test_elsewhere_runs_what_applies_and_refuses_to_apply(at_start_xen):
+    stop = at_start_xen
+    result = stop.json("xen-l4merge-check --json")
+    assert result["mode"] == "live" and result["stop"] == "__start_xen"
+    checks = {c["id"]: c for c in result["checks"]}
+    # Xen's own tables, relocated once by trampoline_setup.
+    assert checks["I9"]["status"] == "PASS"
+    skipped = [c for c in checks.values() if c["status"] == "SKIP"]
+    assert skipped and all("does not apply at __start_xen" in c["summary"] for c in skipped)
+    assert result["ok"] is True
+    before = qemu_registers(stop)
+    reply = stop.gdb.execute("xen-l4merge-apply", check=False)
+    assert reply.error and "not at __efi64_mb2_start" in reply.error and "\n" not in reply.error
+    reply = stop.gdb.execute("xen-l4merge-check --predict", check=False)
+    assert reply.error and "--firmware-root" in reply.error
+    assert qemu_registers(stop)["cr3"] == before["cr3"]
+    assert phymem_mode(stop) == "0"
+
+
+# --- the what-if on the real machine (each test boots its own guest) ----------------------
+
+def test_relocated_merge_reaches_efi_multiboot2_at_its_linked_va(at_entry_consumable, syms):
+    stop = at_entry_consumable
+    base = stop.run["load_base"]
+    linked = syms.linked_va(CALL_TARGET)
+    elf = syms.read_linked(linked, 32)
+    entry_regs = qemu_registers(stop)
+    before = read_pages(stop, table_pages(syms, base))
+
+    applied = stop.json("xen-l4merge-apply --relocate --json")["steps"][0]
+    assert applied["relocated"] is True
+    assert qemu_registers(stop)["cr3"] == applied["root"]
+    # Let the guest run to the call itself, under M (its lower half is the firmware's),
+    # and take QEMU's view there: what the call at the linked VA must leave as it was.
+    call_pa = call_instruction_pa(syms, base)
+    stop.cmd(f"tbreak *{call_pa:#x}")
+    stop.cmd("continue", timeout=60)
+    at_call = qemu_registers(stop)
+    assert at_call["rip"] == call_pa and at_call["cr3"] == applied["root"]
+    stack_pages = sorted({(at_call["rsp"] - 8) & ~0xFFF, at_call["rsp"] & ~0xFFF})
+    stack_before = read_pages(stop, stack_pages)
+
+    called = stop.json("xen-l4merge-apply --call-linked --json")["steps"][0]
+    assert called["ran_to_call"] is False and called["call"] == call_pa
+    assert called["target"] == linked
+    regs = qemu_registers(stop)
+    assert regs["rip"] == linked and regs["rax"] == linked
+    assert regs["rsp"] == at_call["rsp"] - 8
+    # The return address the call pushed: the next instruction, at the load address.
+    assert struct.unpack("<Q", xp(stop, regs["rsp"], 8))[0] == call_pa + 5
+    # The bytes at the linked VA: through GDB (under the new CR3) and through QEMU.
+    assert gdb_bytes(stop, "$pc", 32) == elf
+    gpa = parse_gva2gpa(stop.monitor(f"gva2gpa {linked:#x}"))
+    assert gpa == base + syms.offset(CALL_TARGET)
+    assert xp(stop, gpa, 32) == elf
+    # The CPU really executes there: one instruction on, still inside efi_multiboot2.
+    stop.cmd("stepi")
+    rip = qemu_registers(stop)["rip"]
+    assert rip != linked and syms.symbol_at(rip)[0] == CALL_TARGET
+
+    # --undo: every range written and every register changed, as they were.
+    changes = applied["changes"] + called["changes"]
+    undone = stop.json("xen-l4merge-apply --undo --json")
+    assert len(undone["restored"]) == len(changes)
+    for ch in changes:
+        if ch["kind"] != "memory":
+            continue
+        page = ch["pa"] & ~0xFFF
+        source = before if page in before else stack_before
+        assert page in source, f"{ch['pa']:#x} outside the pages read before"
+        off = ch["pa"] - page
+        assert xp(stop, ch["pa"], ch["length"]) == source[page][off:off + ch["length"]], ch
+    regs = qemu_registers(stop)
+    assert regs["cr3"] == entry_regs["cr3"]
+    for name in ("rip", "rsp", "rax"):
+        assert regs[name] == at_call[name], name
+    assert phymem_mode(stop) == "0"
+
+
+def test_raw_apply_is_reported_before_stepping_and_undo_is_exact(at_entry_consumable, syms):
+    stop = at_entry_consumable
+    base = stop.run["load_base"]
+    slot = xenmap_slot(syms)
+    linked = syms.linked_va(CALL_TARGET)
+    regs_before = qemu_registers(stop)
+    pages = table_pages(syms, base)
+    before = read_pages(stop, pages)
+
+    applied = stop.json("xen-l4merge-apply --json")["steps"][0]
+    assert applied["relocated"] is False
+    root = applied["root"]
+    regs = qemu_registers(stop)
+    assert regs["cr3"] == root and regs["rip"] == regs_before["rip"]
+    # M really is in memory: the lower half from the firmware, slot 261 raw.
+    m = xp(stop, root, PAGE)
+    fw = xp(stop, regs_before["cr3"] & ~0xFFF, PAGE)
+    assert m[:PAGE // 2] == fw[:PAGE // 2]
+    assert struct.unpack_from("<Q", m, 8 * slot)[0] & ~0xFFF == syms.offset("l3_xenmap")
+    # QEMU's own walk of the linked VA under M does not reach efi_multiboot2.
+    assert parse_gva2gpa(stop.monitor(f"gva2gpa {linked:#x}")) != base + syms.offset(CALL_TARGET)
+
+    # The check, live on the applied table, before anything is stepped.
+    out, error = capture(stop, "xen-l4merge-check --json")
+    result = json_line(out)
+    assert result["mode"] == "live" and result["table"] == root
+    checks = {c["id"]: c for c in result["checks"]}
+    assert {"I3", "I4", "I6"} <= set(failed_ids(error))
+    fault = checks["I6"]["evidence"]["fault"]
+    assert fault["where"] == f"M[{slot}]" and fault["kind"] == "unrelocated"
+    assert fault["target_pa"] == syms.offset("l3_xenmap")
+    assert checks["I1"]["status"] == "PASS"          # the lower half is the firmware's
+    assert qemu_registers(stop)["rip"] == regs_before["rip"]   # nothing was stepped
+
+    # A second apply is refused; --undo restores every byte and register.
+    reply = stop.gdb.execute("xen-l4merge-apply --relocate", check=False)
+    assert reply.error and "already applied" in reply.error
+    undone = stop.json("xen-l4merge-apply --undo --json")
+    assert len(undone["restored"]) == len(applied["changes"])
+    after = read_pages(stop, pages)
+    assert after == before
+    assert all(ch["kind"] == "register" or ch["pa"] & ~0xFFF in before
+               for ch in applied["changes"])
+    assert qemu_registers(stop) == regs_before
+    reply = stop.gdb.execute("xen-l4merge-apply --undo", check=False)
+    assert reply.error and "nothing to undo" in reply.error
+    assert phymem_mode(stop) == "0"
+
+    # From the pristine entry again, one command: apply, run to the call, call high.
+    steps = stop.json("xen-l4merge-apply --relocate --call-linked --json")["steps"]
+    assert [s["action"] for s in steps] == ["apply", "call-linked"]
+    assert steps[1]["ran_to_call"] is True
+    assert steps[1]["call"] == call_instruction_pa(syms, base)
+    assert qemu_registers(stop)["rip"] == linked
+    assert gdb_bytes(stop, "$pc", 16) == syms.read_linked(linked, 16)
+
+
+def test_a_new_boot_forgets_the_snapshot_and_the_journal(at_entry_consumable, syms):
+    stop = at_entry_consumable
+    base = stop.run["load_base"]
+    applied = stop.json("xen-l4merge-apply --json")["steps"][0]
+    assert qemu_registers(stop)["cr3"] == applied["root"]
+    # Reboot and stop at the entry again: what was written belongs to the old boot.
+    stop.monitor("system_reset")
+    run = stop.json(f"xen-run-to {ENTRY} --base {base:#x} --json", timeout=300)
+    assert run["rip"] == base + syms.offset(ENTRY)
+    forgotten = stop.json("python import json; from gdbext.gdb_layer import merge_cmds as m; "
+                          "print(json.dumps([m.firmware_snapshot() is None, "
+                          "m.SESSION.journal is None]))")
+    assert forgotten == [True, True]
+    reply = stop.gdb.execute("xen-l4merge-apply --undo", check=False)
+    assert reply.error and "nothing to undo" in reply.error
+    # Applying works again, from the new boot's firmware tables.
+    again = stop.json("xen-l4merge-apply --json")["steps"][0]
+    assert qemu_registers(stop)["cr3"] == again["root"]
+    stop.json("xen-l4merge-apply --undo --json")
