@@ -1206,7 +1206,7 @@ def select(only: Optional[Iterable[str]] = None, skip: Optional[Iterable[str]] =
     """The check ids to run, in order; unknown ids are a one-line error."""
     def norm(ids: Iterable[str]) -> List[str]:
         out = []
-        for i in ids:
+        for i in ([ids] if isinstance(ids, str) else ids):
             for part in str(i).replace(",", " ").split():
                 out.append(part.upper())
         return out

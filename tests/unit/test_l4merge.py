@@ -667,6 +667,8 @@ def test_selection(syms, relocated):
     g, pred = relocated
     st = state_for(g, pred)
     assert [r.id for r in run_checks(st, only=["i3,I4"])] == ["I3", "I4"]
+    assert l4merge.select("I6 i0") == ["I0", "I6"]
+    assert l4merge.select(skip=CHECK_IDS[1:]) == ["I0"]
     assert "I10" not in [r.id for r in run_checks(st, skip=["I10"])]
     with pytest.raises(GdbextError, match="unknown check I14"):
         run_checks(st, only=["I14"])
