@@ -321,93 +321,121 @@ def _code(syms, name: str) -> Tuple[int, bytes]:
     return va, syms.read_linked(va, end - va)
 
 
+class _PlanBuilder:
+    """Collects stops in boot order, and notes for what decoding could not find."""
+
+    def __init__(self, syms):
+        self.syms = syms
+        self.stops: List[BootStop] = []
+        self.notes: List[str] = []
+
+    def add(self, name: str, kind: str, va: int, why: str,
+            low_offset: Optional[int] = None) -> None:
+        self.stops.append(BootStop(name, kind, va, self.syms.offset(va),
+                                   CHECKS_AT_STOP.get(name, ()), why, low_offset))
+
+    def entry_and_call(self) -> Optional[MergeSite]:
+        """The entry, the RFC's merge if any, the call of efi_multiboot2, its return."""
+        syms = self.syms
+        entry_va, entry_code = _code(syms, ENTRY)
+        efi_va = syms.linked_va(EFI_MB2)
+        self.add(ENTRY, LOAD, entry_va,
+                 "Xen's multiboot2+EFI entry: derive B, snapshot the firmware's tables")
+        merge = find_merge(entry_code, entry_va)
+        if merge is not None:
+            self.add(MERGE, LOAD, merge.mov_rax_cr3 + len(MOV_RAX_CR3),
+                     "just after the switch to the merged L4 (RFC)")
+            call_va: Optional[int] = merge.call_rax
+            call_len = len(CALL_RAX)
+            self.add(CALL, LOAD, merge.call_rax,
+                     "the call of efi_multiboot2 at its linked VA (call *%rax)")
+            self.add(EFI_MB2, LINKED, efi_va,
+                     "efi_multiboot2 at its linked VA, through the merged L4")
+        else:
+            self.notes.append(f"no RFC merge in {ENTRY} (no mov %cr3,%rsi / mov %rax,%cr3 / "
+                              "call *%rax): this build calls efi_multiboot2 at its load address")
+            call_va = find_call_rel32(entry_code, entry_va, efi_va)
+            call_len = 5
+            if call_va is None:
+                self.notes.append(f"no call of efi_multiboot2 found in {ENTRY}")
+            else:
+                self.add(CALL, LOAD, call_va, "the call of efi_multiboot2 (at its load address)")
+            self.add(EFI_MB2, LOAD, efi_va,
+                     "efi_multiboot2 at its load address, firmware's tables")
+        if call_va is not None:
+            self.add(EFI_RETURN, LOAD, call_va + call_len,
+                     "back from efi_multiboot2 (firmware may have changed its tables)")
+        return merge
+
+    def trampoline_setup(self) -> Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, int]]]:
+        """trampoline_setup and, inside it, the ends of the relocation and fill loops."""
+        syms = self.syms
+        ts_va, ts_code = _code(syms, TRAMPOLINE_SETUP)
+        self.add(TRAMPOLINE_SETUP, LOAD, ts_va,
+                 "32-bit, paging off, %esi = B; fixes up the tables")
+        reloc_loop = fill_loop = None
+        if syms.page_tables_start is not None:
+            # lea offset(__page_tables_start)(%esi),%eax sets the loop up.
+            pat = LEA_ESI_DISP32_EAX + struct.pack("<I", syms.offset(syms.page_tables_start))
+            reloc_loop = find_loop_after(ts_code, ts_va, pat)
+        if reloc_loop is None:
+            self.notes.append(f"the loop relocating __page_tables was not found in "
+                              f"{TRAMPOLINE_SETUP}")
+        else:
+            self.add(TABLES_RELOCATED, LOAD, reloc_loop[1],
+                     "after the loop adding B to every present entry of __page_tables")
+        if "l2_xenmap" in syms:
+            # mov %eax,offset(l2_xenmap)(%esi,%ecx,8) in the loop body: any SIB byte.
+            want = struct.pack("<I", syms.offset("l2_xenmap"))
+            i = ts_code.find(MOV_EAX_SIB_DISP32)
+            while i >= 0 and ts_code[i + 3:i + 7] != want:
+                i = ts_code.find(MOV_EAX_SIB_DISP32, i + 1)
+            if i >= 0:
+                fill_loop = find_loop_after(ts_code, ts_va, ts_code[i:i + 7])
+        if fill_loop is None:
+            self.notes.append(f"the loop filling l2_xenmap was not found in {TRAMPOLINE_SETUP}")
+        else:
+            self.add(L2_XENMAP_FILLED, LOAD, fill_loop[1],
+                     "after the loop writing l2_xenmap's 2 MiB pages (B + i*2 MiB | PSE+RWX)")
+        return reloc_loop, fill_loop
+
+    def trampoline_cr3_load(self) -> Tuple[Optional[int], Optional[int]]:
+        """The trampoline's CR3 load (low copy); (trampoline_phys VA, trampoline size)."""
+        syms = self.syms
+        if not all(n in syms for n in ("trampoline_start", "trampoline_end", "trampoline_phys",
+                                       "idle_pg_table")):
+            self.notes.append("no trampoline symbols; __high_start is the first stop with "
+                              "Xen's CR3")
+            return None, None
+        t0 = syms.linked_va("trampoline_start")
+        size = syms.linked_va("trampoline_end") - t0
+        load = find_cr3_load(syms.read_linked(t0, size), t0, syms.offset("idle_pg_table"))
+        if load is None:
+            self.notes.append("the trampoline's CR3 load was not found; __high_start is the "
+                              "first stop with Xen's CR3")
+        else:
+            after = load + len(MOV_RAX_CR3)
+            self.add(TRAMPOLINE_CR3, LOW, after, "just after the trampoline loaded CR3 = B + "
+                     "offset(idle_pg_table), paging still off", low_offset=after - t0)
+        return syms.linked_va("trampoline_phys"), size
+
+
 def build_plan(syms) -> StopPlan:
     """The stop plan of this build, from its symbols and bytes."""
-    notes: List[str] = []
-    stops: List[BootStop] = []
-
-    def add(name: str, kind: str, va: int, why: str, low_offset: Optional[int] = None):
-        stops.append(BootStop(name, kind, va, syms.offset(va), CHECKS_AT_STOP.get(name, ()), why,
-                              low_offset))
-
     for needed in (ENTRY, EFI_MB2, SWITCH, TRAMPOLINE_SETUP):
         if needed not in syms:
             raise GdbextError(f"{syms.path}: no {needed} symbol: not a multiboot2+EFI x86 Xen "
                               "(xen-mb2-break needs xen-syms of such a build)")
-    entry_va, entry_code = _code(syms, ENTRY)
-    efi_va = syms.linked_va(EFI_MB2)
-    add(ENTRY, LOAD, entry_va,
-        "Xen's multiboot2+EFI entry: derive B, snapshot the firmware's tables")
-
-    merge = find_merge(entry_code, entry_va)
-    if merge is not None:
-        add(MERGE, LOAD, merge.mov_rax_cr3 + len(MOV_RAX_CR3),
-            "just after the switch to the merged L4 (RFC)")
-        call_va, call_len = merge.call_rax, len(CALL_RAX)
-        add(CALL, LOAD, call_va, "the call of efi_multiboot2 at its linked VA (call *%rax)")
-        add(EFI_MB2, LINKED, efi_va, "efi_multiboot2 at its linked VA, through the merged L4")
-    else:
-        notes.append(f"no RFC merge in {ENTRY} (no mov %cr3,%rsi / mov %rax,%cr3 / "
-                     "call *%rax): this build calls efi_multiboot2 at its load address")
-        call_va = find_call_rel32(entry_code, entry_va, efi_va)
-        call_len = 5
-        if call_va is None:
-            notes.append(f"no call of efi_multiboot2 found in {ENTRY}")
-        else:
-            add(CALL, LOAD, call_va, "the call of efi_multiboot2 (at its load address)")
-        add(EFI_MB2, LOAD, efi_va, "efi_multiboot2 at its load address, firmware's tables")
-    if call_va is not None:
-        add(EFI_RETURN, LOAD, call_va + call_len, "back from efi_multiboot2 (firmware may have "
-            "changed its tables)")
-    add(SWITCH, LOAD, syms.linked_va(SWITCH), "leaves long mode; %r15 = where it goes next")
-    ts_va, ts_code = _code(syms, TRAMPOLINE_SETUP)
-    add(TRAMPOLINE_SETUP, LOAD, ts_va, "32-bit, paging off, %esi = B; fixes up the tables")
-
-    reloc_loop = fill_loop = None
-    if syms.page_tables_start is not None:
-        pat = LEA_ESI_DISP32_EAX + struct.pack("<I", syms.offset(syms.page_tables_start))
-        reloc_loop = find_loop_after(ts_code, ts_va, pat)
-    if reloc_loop is None:
-        notes.append(f"the loop relocating __page_tables was not found in {TRAMPOLINE_SETUP}")
-    else:
-        add(TABLES_RELOCATED, LOAD, reloc_loop[1], "after the loop adding B to every present "
-            "entry of __page_tables")
-    if "l2_xenmap" in syms:
-        # mov %eax, offset(l2_xenmap)(%esi,%ecx,8): any SIB byte.
-        want = struct.pack("<I", syms.offset("l2_xenmap"))
-        i = ts_code.find(MOV_EAX_SIB_DISP32)
-        while i >= 0 and ts_code[i + 3:i + 7] != want:
-            i = ts_code.find(MOV_EAX_SIB_DISP32, i + 1)
-        if i >= 0:
-            fill_loop = find_loop_after(ts_code, ts_va, ts_code[i:i + 7])
-    if fill_loop is None:
-        notes.append(f"the loop filling l2_xenmap was not found in {TRAMPOLINE_SETUP}")
-    else:
-        add(L2_XENMAP_FILLED, LOAD, fill_loop[1], "after the loop writing l2_xenmap's 2 MiB "
-            "pages (B + i*2 MiB | PSE+RWX)")
-
-    tramp_size = tphys = None
-    if all(n in syms for n in ("trampoline_start", "trampoline_end", "trampoline_phys",
-                               "idle_pg_table")):
-        t0 = syms.linked_va("trampoline_start")
-        t1 = syms.linked_va("trampoline_end")
-        tramp_size = t1 - t0
-        tphys = syms.linked_va("trampoline_phys")
-        load = find_cr3_load(syms.read_linked(t0, tramp_size), t0, syms.offset("idle_pg_table"))
-        if load is None:
-            notes.append("the trampoline's CR3 load was not found; __high_start is the first "
-                         "stop with Xen's CR3")
-        else:
-            after = load + len(MOV_RAX_CR3)
-            add(TRAMPOLINE_CR3, LOW, after, "just after the trampoline loaded CR3 = B + "
-                "offset(idle_pg_table), paging still off", low_offset=after - t0)
-    else:
-        notes.append("no trampoline symbols; __high_start is the first stop with Xen's CR3")
-    for name in (HIGH_START, START_XEN):
+    b = _PlanBuilder(syms)
+    merge = b.entry_and_call()
+    b.add(SWITCH, LOAD, syms.linked_va(SWITCH), "leaves long mode; %r15 = where it goes next")
+    reloc_loop, fill_loop = b.trampoline_setup()
+    tphys, tramp_size = b.trampoline_cr3_load()
+    for name, why in ((HIGH_START, "first code at the linked address"),
+                      (START_XEN, "Xen's C entry")):
         if name in syms:
-            add(name, LINKED, syms.linked_va(name),
-                "first code at the linked address" if name == HIGH_START else "Xen's C entry")
-    return StopPlan(stops, merge is not None, merge, notes, tphys, tramp_size,
+            b.add(name, LINKED, syms.linked_va(name), why)
+    return StopPlan(b.stops, merge is not None, merge, b.notes, tphys, tramp_size,
                     reloc_loop, fill_loop)
 
 

@@ -380,36 +380,41 @@ def test_find_cr3_load_follows_the_root_immediate():
     assert find_cr3_load(code, 0x100, root + 0x1000) is None
 
 
-class PatchedSyms:
-    """The Debian symbols with the RFC's merge in place of __efi64_mb2_start's bytes."""
+class EditedSyms:
+    """The Debian symbols with some code replaced (e.g. the RFC's merge in place of
+    __efi64_mb2_start's bytes) and some symbols hidden."""
 
-    def __init__(self, real, code):
+    def __init__(self, real, code=None, at=ENTRY, until=None, hidden=()):
         self._real = real
-        self._entry = real.linked_va(ENTRY)
-        self._end = real.linked_va(SWITCH)
-        assert len(code) <= self._end - self._entry
-        self._code = code + b"\x90" * (self._end - self._entry - len(code))
+        self._hidden = set(hidden)
+        self._start = real.linked_va(at)
+        # To the next symbol (asm labels have no size), or to the symbol ``until``.
+        self._end = (real.linked_va(until) if until else
+                     bootstops._next_symbol_va(real, self._start))
+        code = code or b""
+        assert len(code) <= self._end - self._start
+        self._code = code + b"\x90" * (self._end - self._start - len(code))
 
     def __getattr__(self, name):
         return getattr(self._real, name)
 
     def __contains__(self, name):
-        return name in self._real
+        return name not in self._hidden and name in self._real
 
     def __iter__(self):
         return iter(self._real)
 
     def read_linked(self, va, size):
-        if self._entry <= va < self._end:
+        if self._start <= va < self._end:
             assert va + size <= self._end
-            return self._code[va - self._entry:va - self._entry + size]
+            return self._code[va - self._start:va - self._start + size]
         return self._real.read_linked(va, size)
 
 
 def test_plan_of_a_patched_build(syms, rfc_code):
     code, rows = rfc_code
     text = code[:rows[first(rows, r"^nop$")][0]]   # the merge up to .Lswitch
-    patched = build_plan(PatchedSyms(syms, text))
+    patched = build_plan(EditedSyms(syms, text))
     entry = syms.linked_va(ENTRY)
     call_at = entry + rows[first(rows, r"^call\s+\*%rax$")][0]
     cr3_at = entry + rows[first(rows, r"^mov\s+%rax,%cr3$")][0]
@@ -469,3 +474,23 @@ def test_record_and_summary_text():
     assert "trampoline_setup" in summary and "I9" in summary
     assert summary.splitlines()[-1] == ("incomplete: 1 stops, 0 PASS, 1 FAIL, 0 WARN, 0 SKIP; "
                                         "error: timed out")
+
+
+def test_what_decoding_cannot_find_is_left_out_and_noted(syms):
+    # The trampoline as NOPs: no CR3 load to stop at; __high_start is the next stop.
+    plan = build_plan(EditedSyms(syms, at="trampoline_start", until="trampoline_end"))
+    assert TRAMPOLINE_CR3 not in plan.names() and HIGH_START in plan.names()
+    assert any("CR3 load was not found" in n for n in plan.notes)
+    # trampoline_setup as NOPs: neither loop.
+    plan = build_plan(EditedSyms(syms, at=TRAMPOLINE_SETUP))
+    assert TABLES_RELOCATED not in plan.names() and L2_XENMAP_FILLED not in plan.names()
+    assert sum("was not found in trampoline_setup" in n for n in plan.notes) == 2
+    # The entry as NOPs: no call of efi_multiboot2, so no call and no return stop.
+    plan = build_plan(EditedSyms(syms, at=ENTRY))
+    assert CALL not in plan.names() and EFI_RETURN not in plan.names()
+    assert any("no call of efi_multiboot2" in n for n in plan.notes)
+
+
+def test_a_build_without_the_mb2_efi_entry_is_one_error(syms):
+    with pytest.raises(GdbextError, match="no x86_32_switch symbol: not a multiboot2\\+EFI"):
+        build_plan(EditedSyms(syms, hidden={SWITCH}))
