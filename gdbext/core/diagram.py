@@ -222,6 +222,12 @@ class _Builder:
         except MemoryReadError as err:
             return f"unreadable ({err})", ("unreadable",)
         xen_table = _xen_table(self.xen, pa, 2)
+        uniform = self._uniform_leaves(ents)
+        if uniform is not None and xen_table is None:
+            # 512 contiguous 2 MiB leaves (a firmware identity map): no need to decode each.
+            identity = self.va(va) == uniform and va < (1 << 47)
+            text = "512 x 2M leaves" + (", identity" if identity else f" -> pa {uniform:#x}")
+            return text, (512, 0, 0, identity, ())
         leaves = 0
         leaf_pas: List[Tuple[int, int]] = []   # (va offset in table, pa)
         l1: List[Tuple[int, int]] = []          # (index, target)
@@ -269,6 +275,20 @@ class _Builder:
             parts.append("empty (no present entry)")
         key = (leaves, len(l1), reserved, identity, tuple(sorted(verdicts.items())))
         return ", ".join(parts), key
+
+    def _uniform_leaves(self, ents: Sequence[int]) -> Optional[int]:
+        """The PA mapped by an L2 table whose 512 entries are 2 MiB leaves with the same
+        flags mapping one contiguous run (A/D aside), else None."""
+        first = self.dec.decode(2, ents[0])
+        if not first.present or not first.leaf or first.reserved:
+            return None
+        if self.dec.decode(2, ents[-1]).reserved:
+            return None
+        start = ents[0] & ~_STATUS_BITS
+        if [e & ~_STATUS_BITS for e in ents] != list(
+                range(start, start + len(ents) * x86.SIZE_2M, x86.SIZE_2M)):
+            return None
+        return first.addr
 
     # -- L3 ------------------------------------------------------------------------
 

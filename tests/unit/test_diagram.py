@@ -290,3 +290,21 @@ def test_default_judge_as(xen):
     assert diagram.default_judge_as(xen, xen.pa("idle_pg_table")) is None  # judged as itself
     inside = xen.pa("efi_multiboot2") & ~0xFFF                           # an RFC build's M
     assert diagram.default_judge_as(xen, inside) == diagram.IDLE_L4
+
+
+def test_uniform_l2_fast_path_says_what_the_entry_by_entry_path_says():
+    mem = SyntheticMemory(1 << 32)
+    target = 0x40000000
+    mem.write_table(F_L2, {j: (target + (j << 21)) | LEAF_2M | (x86.PTE_A if j % 3 else 0)
+                           for j in range(512)})
+
+    def summary(va):  # a builder per look: it caches the pages it reads
+        return diagram._Builder(CTX, mem, F, None).l2_summary(F_L2, va)
+
+    b = diagram._Builder(CTX, mem, F, None)
+    assert b._uniform_leaves(diagram.paging.read_table(MODE_4LEVEL, mem, F_L2, 2)[1]) == target
+    assert summary(0) == ("512 x 2M leaves -> pa 0x40000000", (512, 0, 0, False, ()))
+    assert summary(target)[0] == "512 x 2M leaves, identity"
+    mem.write_u64(F_L2 + 8 * 5, 0)                     # one hole: entry by entry
+    assert summary(0) == ("511 x 2M leaves -> pa 0x40000000", (511, 0, 0, False, ()))
+    assert summary(target)[0] == "511 x 2M leaves, identity"
