@@ -276,9 +276,14 @@ def check_build_id(mem, syms, load_base: int) -> BuildIdCheck:
 
 # -- verifying a candidate B ------------------------------------------------------------
 
+def has_bytes(syms) -> bool:
+    """True for xen-syms (an ELF: the image's bytes are at hand); False for a .map."""
+    return hasattr(syms, "read_linked")
+
+
 def header_pa(syms, load_base: int) -> Optional[int]:
     """PA of the multiboot2 header of the image at B (None: the image has none)."""
-    hdr = syms.multiboot2
+    hdr = getattr(syms, "multiboot2", None)
     return None if hdr is None else load_base + syms.offset(hdr.va)
 
 
@@ -290,6 +295,8 @@ def _read(mem, pa: int, size: int) -> Optional[bytes]:
 
 
 def _elf_bytes(syms, va: int, size: int) -> Optional[bytes]:
+    if not has_bytes(syms):
+        return None
     try:
         return syms.read_linked(va, size)
     except GdbextError:
@@ -301,7 +308,7 @@ def header_at(mem, syms, load_base: int) -> bool:
 
     True for any Xen build with its header at the same offset: the cheap test
     (and what tells "a Xen, but not this xen-syms" apart from "no Xen")."""
-    hdr = syms.multiboot2
+    hdr = getattr(syms, "multiboot2", None)
     if hdr is None:
         return False
     raw = _read(mem, header_pa(syms, load_base), 16)
@@ -319,8 +326,11 @@ def same_bytes(mem, syms, load_base: int, va: int, size: int) -> bool:
 
 def verify_base(mem, syms, load_base: int, image_bytes: int = IMAGE_VERIFY_BYTES) -> bool:
     """This xen-syms' image is at B: its multiboot2 header (whole, checksum included)
-    and the first ``image_bytes`` of the image equal the ELF's."""
-    hdr = syms.multiboot2
+    and the first ``image_bytes`` of the image equal the ELF's. Always False for a
+    .map: there are no bytes to compare."""
+    if not has_bytes(syms):
+        return False
+    hdr = getattr(syms, "multiboot2", None)
     if hdr is not None and not (header_at(mem, syms, load_base)
                                 and same_bytes(mem, syms, load_base, hdr.va,
                                                hdr.header_length)):
@@ -331,7 +341,7 @@ def verify_base(mem, syms, load_base: int, image_bytes: int = IMAGE_VERIFY_BYTES
 
 def base_align(syms) -> int:
     """The alignment of B: the RELOCATABLE tag's (image start and B differ by 2 MiB)."""
-    hdr = syms.multiboot2
+    hdr = getattr(syms, "multiboot2", None)
     reloc = hdr.relocatable if hdr is not None else None
     return reloc.align if reloc is not None and reloc.align else x86.PAGE_SIZE
 
@@ -447,7 +457,7 @@ class ScanResult:
 def scan_candidates(syms, ram_ranges: Sequence[Tuple[int, int]]) -> List[int]:
     """Bases the image's RELOCATABLE tag allows with the whole image in one RAM range,
     in the order a loader honouring its preference tries them."""
-    if not ram_ranges:
+    if not ram_ranges or not has_bytes(syms):
         return []
     size = syms.load_size()
     top = max(end for _start, end in ram_ranges)
@@ -464,7 +474,7 @@ def scan(mem, syms, ram_ranges: Sequence[Tuple[int, int]], stop_at_first: bool =
     """Look for the image at every candidate base: first the 4-byte multiboot2 magic
     where this image has its header (one small read per candidate), then, where it
     is, the checksum, the whole header and ``image_bytes`` of the image."""
-    hdr = syms.multiboot2
+    hdr = getattr(syms, "multiboot2", None)
     cands = scan_candidates(syms, ram_ranges)
     result = ScanResult(None, 0, len(cands), [])
     if hdr is None:

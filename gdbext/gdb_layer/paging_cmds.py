@@ -251,8 +251,8 @@ def _xen_keys(loaded, xen_note: Optional[str]) -> Dict[str, object]:
 
 def judge_step(loaded, step) -> Optional[xenimage.EntryVerdict]:
     """How a present entry read from one of Xen's boot tables compares with its link value."""
-    if loaded is None or not step.entry.present:
-        return None
+    if loaded is None or not step.entry.present or not xenimage.has_bytes(loaded.syms):
+        return None   # a .map has no link-time values to compare with
     hit = loaded.table_at(step.entry_pa)
     if hit is None:
         return None

@@ -131,7 +131,7 @@ def require_loaded() -> LoadedXen:
     memory has another build-id (unless 'set xen-ignore-build-id on')."""
     syms = require_syms()
     if STATE.load_base is None:
-        found = locate_cheap()
+        found = locate_cheap() if xenimage.has_bytes(syms) else None
         if found is None:
             raise GdbextError(
                 "Xen's load base B is unknown (RIP, %esi and xen_phys_start do not give it "
@@ -548,9 +548,17 @@ def locate(base: Optional[int] = None, scan_only: bool = False) -> dict:
                     "verified": True, "candidates_read": None, "candidates": None}
     found = None
     if base is not None:
-        with t.phys_mode():
-            result["verified"] = xenimage.verify_base(t.cache, syms, base)
+        if xenimage.has_bytes(syms):
+            with t.phys_mode():
+                result["verified"] = xenimage.verify_base(t.cache, syms, base)
+        else:
+            result["verified"] = None   # a .map: no bytes to check B against
         found = (base, "user (--base)")
+    elif not xenimage.has_bytes(syms):
+        raise GdbextError(
+            f"{syms.path} is an nm-format map: finding Xen needs the image's bytes from "
+            "xen-syms (the ELF); load it, or give the base with 'xen-locate --base PA' (Xen "
+            "prints it on its console: 'Xen image load base address')")
     elif not scan_only:
         found = locate_cheap()
     if found is None:
@@ -621,7 +629,7 @@ class LocateCommand(XenCommand):
             gdb.write(render.to_json(result) + "\n")
             return
         lines = [f"Xen's load base B = {result['load_base']:#x} (from {result['source']})"]
-        if not result["verified"]:
+        if result["verified"] is False:
             lines.append("  warning: the bytes at B are not xen-syms' (is Xen loaded yet?)")
         check = build_id_check()
         if check is not None and check.match is True:
@@ -660,7 +668,7 @@ def _where_in_boot(syms, base: Optional[int], rip: Optional[int]) -> Tuple[Optio
 
 def info() -> dict:
     syms = require_syms()
-    if STATE.load_base is None:
+    if STATE.load_base is None and xenimage.has_bytes(syms):
         found = locate_cheap()
         if found is not None:
             set_load_base(*found)

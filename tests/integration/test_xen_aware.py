@@ -17,6 +17,7 @@ import shutil
 import pytest
 from elftools.elf.elffile import ELFFile
 
+from gdbext import paths
 from gdbext.core import x86, xenimage
 from gdbext.core.qemu import parse_gva2gpa
 from gdbext.core.xensyms import load_xen_syms
@@ -170,6 +171,21 @@ def test_another_elf_is_caught_by_the_build_id_check(boot, syms, tmp_path_factor
         boot.cmd(f"xen-syms {syms.path}")
     assert boot.json("xen-locate --json")["build_id_match"] is True
     assert "<__efi64_mb2_start>" in boot.cmd("x/i $pc").out
+
+
+def test_a_map_file_needs_the_base_by_hand(boot, syms):
+    base = boot.run["load_base"]
+    try:
+        boot.cmd(f"xen-syms {paths.XEN_DEBIAN_SYMS_MAP}")
+        reply = boot.gdb.execute("xen-locate", check=False)
+        assert reply.error and "xen-locate --base PA" in reply.error and "\n" not in reply.error
+        loc = boot.json(f"xen-locate --base {base:#x} --json")
+        assert loc["verified"] is None and loc["build_id_match"] is None
+        assert _int(boot, '$xen_pa("efi_multiboot2")') == base + syms.offset("efi_multiboot2")
+        assert boot.json("xen-va2pa efi_multiboot2@pa --json")["pa_name"] == "efi_multiboot2"
+    finally:
+        boot.cmd(f"xen-syms {syms.path}")
+    assert boot.json("xen-locate --json")["build_id_match"] is True
 
 
 def test_xen_info_at_entry(boot, syms):

@@ -248,3 +248,16 @@ def test_scan_skips_candidates_outside_ram(xen):
         assert any(lo <= s and s + size <= hi for lo, hi in ram)
     assert any(b + syms.image_offset >= 0x80000000 for b in cands)
     assert not any(0x40000000 <= b + syms.image_offset < 0x80000000 for b in cands)
+
+
+def test_a_map_file_finds_nothing_and_says_unknown(xen, guest):
+    """A .map has names but no bytes: nothing is verified, no build-id to compare."""
+    from gdbext.core.xensyms import load_map
+    syms = load_map(paths.XEN_DEBIAN_SYMS_MAP)
+    assert not xenimage.has_bytes(syms)
+    assert not verify_base(guest, syms, B)
+    assert base_from_rip(guest, syms, B + syms.offset("__efi64_mb2_start")) is None
+    assert scan(guest, syms, RAM).candidates == 0
+    assert check_build_id(guest, syms, B).match is None
+    # Names still work at B.
+    assert LoadedXen(syms, B).name_pa(B + syms.offset("l3_xenmap")) == "l3_xenmap"
