@@ -611,7 +611,7 @@ HOW_TO_READ = (
 
 def _legend(svg: _Svg, x: float, y: float, width: float, owners: Sequence[str]) -> float:
     """Draw the legend (the owners that occur, every pointer class); return its height."""
-    h = 6 * LINE_H + 2 * PAD + 10
+    h = 5 * LINE_H + 2 * PAD + 12   # two lines of text, the owners, two rows of classes
     svg.rect(x, y, width, h, "#ffffff", "#999999")
     ty = y + PAD + 12
     for line in HOW_TO_READ:
