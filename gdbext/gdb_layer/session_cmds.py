@@ -352,7 +352,9 @@ class Mb2BreakCommand(XenCommand):
             "needed; works before GRUB has loaded Xen under QEMU TCG), then plants silent "
             "breakpoints at the stops computed from xen-syms: "
             + ", ".join(STOP_ORDER) + " (those this build has). Without --batch it stops "
-            "at the entry with its report and each 'continue' stops at the next stop.",
+            "at the entry with its report and each 'continue' stops at the next stop. If "
+            "Xen is already past its entry, the machine is reset (monitor system_reset) and "
+            "the session starts on the next boot.",
             epilog="Examples: xen-mb2-break;  xen-mb2-break --batch --predict --json;  "
                    "xen-mb2-break --stops '__efi64_mb2_start,trampoline cr3 load'")
         p.add_argument("--batch", action="store_true",
@@ -392,6 +394,14 @@ class Mb2BreakCommand(XenCommand):
         rip = _current_rip()
         at_entry = (xen_cmds.STATE.load_base is not None
                     and rip == entry.address(xen_cmds.STATE.load_base))
+        if not at_entry and rip is not None and _past_high_start(syms, rip):
+            # Xen never comes back to its entry in this boot (and xen-run-to's
+            # __high_start sentinel is behind it): boot again, as xen-run-to does.
+            if not args.json:
+                gdb.write("xen-mb2-break: Xen is past __high_start; resetting the machine "
+                          "(monitor system_reset) to stop at its entry on the next boot\n")
+            target().monitor("system_reset")
+            target().invalidate()
         if not at_entry:
             xen_cmds.run_to(ENTRY, args.timeout)
         session.load_base = xen_cmds.STATE.load_base
@@ -477,6 +487,12 @@ def _next_name(session: Session) -> str:
         if s.name not in done:
             return s.name
     return "the next stop"
+
+
+def _past_high_start(syms, rip: int) -> bool:
+    """RIP is in __high_start or later (not the RFC's efi_multiboot2 at its linked VA)."""
+    return where_in_boot(syms, None, rip) in (bootstops.HIGH_START, bootstops.START_XEN,
+                                              bootstops.AFTER_START_XEN)
 
 
 def _current_rip() -> Optional[int]:

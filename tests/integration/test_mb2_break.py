@@ -141,6 +141,14 @@ def test_batch_reaches_start_xen_and_reports_each_stop(fresh, syms, plan):
     assert any(c["status"] == "PASS" for c in i9), i9
     assert result["counts"]["FAIL"] == 0
 
+    # Again, now that Xen is past __start_xen: it never comes back to its entry in this
+    # boot, so the machine is reset and the session starts on the next boot (same B).
+    again = fresh.run(f"xen-mb2-break --stops {ENTRY} --timeout {WAIT_S}")
+    assert again.error is None, again.error
+    assert "resetting the machine" in again.out
+    assert re.search(r"^xen-mb2-break: \[1/1\] __efi64_mb2_start: RIP ", again.out, re.M)
+    assert fresh.qemu_registers()["rip"] == load_base + syms.offset(ENTRY)
+
 
 def test_interactive_stops_at_entry_then_next_stop_on_continue(fresh, syms, plan):
     bad = fresh.run("xen-mb2-break --stops trampolin")
@@ -209,3 +217,4 @@ def test_predicted_failure_stops_unless_keep_going(fresh, syms):
     again = fresh.run(f"xen-mb2-break --batch --predict --keep-going --json --timeout {WAIT_S}")
     assert again.error is not None and "I3 at __efi64_mb2_start" in again.error
     assert fresh.qemu_registers()["rip"] == syms.linked_va("__start_xen")
+
