@@ -130,7 +130,14 @@ class XenPrefix(gdb.Command):
     """Xen boot paging commands (gdbext): see and check x86-64 page tables while Xen boots.
 
 Each command is available as 'xen NAME' and 'xen-NAME'. Every command takes --help;
-most take --json for one-line machine-readable output."""
+most take --json for one-line machine-readable output.
+
+Addresses: a GDB expression, or a Xen symbol from xen-syms: 'efi_multiboot2' (or
+'efi_multiboot2+0x10') is its linked virtual address, 'efi_multiboot2@pa' its physical
+address at the load address B (xen-locate finds B).
+Functions for expressions and breakpoint conditions: $xen_base(), $xen_pa("sym"),
+$xen_va("sym"), $xen_offset("sym"), $xen_va2pa(addr), $xen_name(pa)
+(see 'help function xen_pa')."""
 
     def __init__(self) -> None:
         super().__init__(PREFIX, gdb.COMMAND_USER, prefix=True)

@@ -1,4 +1,15 @@
-"""xen-syms and xen-run-to: Xen's symbols, and stopping where Xen code runs.
+"""Xen's symbols and where Xen is: xen-syms, xen-run-to, xen-locate, xen-info.
+
+The state every Xen-aware command shares lives here (STATE: symbols, load base B
+and its source, the build-id verdict, what was added to GDB's symbol tables);
+other modules ask for it with ``require_syms()`` and ``require_loaded()``.
+
+Finding B (``xen-locate``) and checking the build-id are done by
+core/xenimage.py on the target's physical memory; this module picks the
+sources in order of trust from the registers. Once B is known, GDB gets
+xen-syms at the load address and at the linked address.
+
+xen-run-to:
 
 Before ``__high_start`` Xen runs at its load address B + offset(symbol), and B
 is chosen by the boot loader at run time. Under QEMU TCG breakpoints live in
@@ -38,7 +49,7 @@ from .backend import target
 from .command import CommandParser, XenCommand, add_json_option, one_line, parse_int
 
 # Bytes compared at a candidate stop: enough to make a chance match impossible.
-VERIFY_BYTES = 32
+VERIFY_BYTES = xenimage.CODE_VERIFY_BYTES
 # How many of the likeliest load bases get a breakpoint (see the module doc).
 TOP_CANDIDATES = 32
 SENTINEL_SYMBOL = "__high_start"

@@ -77,7 +77,10 @@ def _linked_va(arg: Union[str, int]) -> int:
 
 
 class XenBase(_XenFunction):
-    """$xen_base(): Xen's load base B (the physical address of __image_base__)."""
+    """$xen_base(): Xen's load base B (the physical address of __image_base__).
+
+Found as xen-locate does without scanning if not known yet.
+Example: condition 1 $rip - $xen_base() == $xen_offset("__efi64_mb2_start")"""
     name = "xen_base"
 
     def compute(self):
@@ -85,7 +88,11 @@ class XenBase(_XenFunction):
 
 
 class XenPa(_XenFunction):
-    """$xen_pa(SYM): physical address of a Xen symbol (string, SYM+OFF) or linked VA at B."""
+    """$xen_pa(SYM): physical address of a Xen symbol (string, SYM+OFF) or linked VA at B.
+
+PA = B + (linked VA - __image_base__), B being Xen's load base (xen-locate). Refused
+when the build-id of xen-syms differs from guest memory's (set xen-ignore-build-id).
+Examples: break *$xen_pa("efi_multiboot2"); p/x $xen_pa("idle_pg_table+0x828")"""
     name = "xen_pa"
 
     def compute(self, sym):
@@ -96,7 +103,9 @@ class XenPa(_XenFunction):
 
 
 class XenVa(_XenFunction):
-    """$xen_va(SYM): the linked virtual address of a Xen symbol ("name" or "name+0x10")."""
+    """$xen_va(SYM): the linked virtual address of a Xen symbol ("name" or "name+0x10").
+
+Example: xen-va2pa $xen_va("efi_multiboot2")"""
     name = "xen_va"
 
     def compute(self, sym):
@@ -105,7 +114,9 @@ class XenVa(_XenFunction):
 
 
 class XenOffset(_XenFunction):
-    """$xen_offset(SYM): offset of a Xen symbol from __image_base__ (PA = B + offset)."""
+    """$xen_offset(SYM): offset of a Xen symbol from __image_base__ (PA = B + offset).
+
+Needs only xen-syms, not B. Example: p/x $xen_offset("idle_pg_table")"""
     name = "xen_offset"
 
     def compute(self, sym):
@@ -117,7 +128,8 @@ class XenVa2pa(_XenFunction):
     """$xen_va2pa(ADDR): physical address of virtual ADDR under the current CR3.
 
 ADDR is a number, or a string in the commands' address syntax ("efi_multiboot2").
-An error if ADDR is not mapped."""
+An error if ADDR is not mapped. Walks the tables in guest memory as xen-va2pa does.
+Example: condition 2 $xen_va2pa("efi_multiboot2") == $xen_pa("efi_multiboot2")"""
     name = "xen_va2pa"
 
     def compute(self, addr):
@@ -131,7 +143,9 @@ An error if ADDR is not mapped."""
 
 
 class XenName(_XenFunction):
-    """$xen_name(PA): the Xen object at physical address PA ("l2_directmap+0x1000"), or ""."""
+    """$xen_name(PA): the Xen object at physical address PA ("l2_directmap+0x1000"), or "".
+
+Example: printf "%s\\n", $xen_name($cr3 & ~0xfff)"""
     name = "xen_name"
 
     def compute(self, pa):
