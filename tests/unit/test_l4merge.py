@@ -125,6 +125,37 @@ def test_plain_prediction_fails_naming_slot_261_and_l3_xenmap(syms, plain):
     assert not l4merge.ok(results.values())
 
 
+GUESTS = {
+    "2M pages, GRUB's first base": {},
+    "1G pages": {"page_size": SIZE_1G},
+    "low base": {"load_base": 0x0800_0000},
+    "3 GiB of RAM": {"ram_top": 3 << 30},
+}
+
+
+@pytest.mark.parametrize("guest", list(GUESTS))
+def test_plain_fails_and_relocated_passes_on_other_guests(syms, guest):
+    g = entry_guest(syms, **GUESTS[guest])
+    plain_results = by_id(run_checks(state_for(g, predict_merge(
+        syms, g.mem, g.load_base, g.firmware_root))))
+    assert [c for c in CALL_CHECKS if plain_results[c].status == FAIL] == ["I3", "I4", "I6"]
+    g = entry_guest(syms, **GUESTS[guest])
+    pred = predict_merge(syms, g.mem, g.load_base, g.firmware_root, relocate=True)
+    results = by_id(run_checks(state_for(g, pred)))
+    assert {c: results[c].status for c in CALL_CHECKS} == {c: PASS for c in CALL_CHECKS}
+
+
+def test_skips_name_what_is_missing(syms):
+    g = entry_guest(syms)
+    st = MergeState(syms, g.load_base, g.mem, dict(g.regs))
+    results = by_id(run_checks(st))
+    for cid in ("I1", "I3", "I4", "I6", "I7", "I10", "I12"):
+        assert results[cid].status == SKIP and "no merged table" in results[cid].summary
+    for cid in ("I2", "I8"):
+        assert results[cid].status == SKIP and "firmware" in results[cid].summary, cid
+    assert results["I9"].status == SKIP
+
+
 def test_relocated_prediction_passes_every_call_check(syms, relocated):
     g, pred = relocated
     results = by_id(run_checks(state_for(g, pred)))
