@@ -373,9 +373,8 @@ def _evaluate(stop: Optional[str] = None, predict: bool = False,
         run_ids = [c for c in wanted if c in applicable]
         results = list(l4merge.run_checks(state, only=run_ids)) if run_ids else []
     by_id = {r.id: r for r in results}
-    why_not = (f"does not apply at {here}"
-               + (f" (here: {', '.join(applicable)})" if applicable else
-                  " (no merged table in use here)"))
+    why_not = (f"does not apply at {here} (here: {', '.join(applicable)})" if applicable
+               else f"does not apply at {here}: no check does")
     ordered = [by_id.get(c) or _skip_result(c, why_not) for c in wanted]
     result = l4merge.results_as_dict(mode, here, state, ordered)
     context = {"mode": mode, "stop": here, "load_base": base, "firmware_root": fw_root,
@@ -471,16 +470,31 @@ class L4MergeCheckCommand(XenCommand):
 
 # --- the what-if: apply the merge to the stopped guest ------------------------------------
 
+def _restore(ch: Change) -> None:
+    if ch.kind == "memory":
+        _write_checked(int(ch.where), bytes(ch.old))  # type: ignore[arg-type]
+    else:
+        _set_register(str(ch.where), int(ch.old))  # type: ignore[arg-type]
+
+
 def _rollback(changes: List[Change]) -> List[Change]:
     """Restore ``changes`` newest first; returns what was restored."""
     done = []
     for ch in reversed(changes):
-        if ch.kind == "memory":
-            _write_checked(int(ch.where), bytes(ch.old))  # type: ignore[arg-type]
-        else:
-            _set_register(str(ch.where), int(ch.old))  # type: ignore[arg-type]
+        _restore(ch)
         done.append(ch)
     return done
+
+
+def _rollback_after_error(changes: List[Change]) -> None:
+    """Best effort while another error is on its way to the user: restore what can be."""
+    for ch in reversed(changes):
+        try:
+            _restore(ch)
+        except (GdbextError, gdb.error):
+            gdb.write(f"gdbext: could not restore {ch.what} "
+                      f"({ch.where if isinstance(ch.where, str) else hex(ch.where)})\n",
+                      gdb.STDERR)
 
 
 def _record_write(journal: Journal, pa: int, data: bytes, what: str) -> Change:
@@ -551,7 +565,7 @@ def apply_merge(relocate: bool = False) -> dict:
             _record_write(journal, pa, data, what)
         _record_register(journal, "cr3", prediction.root, "CR3 switched to M (mov %rax,%cr3)")
     except BaseException:
-        _rollback(journal.changes)
+        _rollback_after_error(journal.changes)
         SESSION.journal = None
         raise
     journal.root = prediction.root
@@ -646,7 +660,7 @@ def call_linked() -> dict:
         _record_register(journal, "rip", linked,
                          f"RIP = linked VA of {CALL_TARGET} (call *%rax)")
     except BaseException:
-        _rollback(journal.changes[first:])
+        _rollback_after_error(journal.changes[first:])
         del journal.changes[first:]
         raise
     journal.called_linked = True
@@ -701,7 +715,11 @@ class L4MergeApplyCommand(XenCommand):
                    "return address (the next instruction, at the load address), sets %rax "
                    f"and RIP to {CALL_TARGET}'s linked VA. The guest stops there, at the "
                    "first instruction of efi_multiboot2 through M (stepi to execute it). "
-                   "Without a prior apply it applies first. "
+                   "Without a prior apply it applies first. --undo restores the registers "
+                   "this command set to their values before it set them (after --call-linked, "
+                   f"RIP returns to '{CALL}': the guest itself ran from the entry to there) "
+                   "and the bytes it wrote; what the guest did since is kept. A new boot "
+                   f"(a stop at {ENTRY} again) forgets the record: the image is loaded anew. "
                    "Examples: xen-l4merge-apply --relocate --call-linked; "
                    "xen-l4merge-apply --undo")
         p.add_argument("--relocate", action="store_true",

@@ -388,3 +388,31 @@ def test_a_new_boot_forgets_the_snapshot_and_the_journal(at_entry_consumable, sy
     again = stop.json("xen-l4merge-apply --json")["steps"][0]
     assert qemu_registers(stop)["cr3"] == again["root"]
     stop.json("xen-l4merge-apply --undo --json")
+
+
+def test_gdb_batch_exits_nonzero_when_a_check_fails(xen_syms_path, tmp_path):
+    # What CI runs: a GDB script in batch mode; the failing check must set the status.
+    import subprocess
+
+    from gdbext.gdbdriver import gdb_binary
+    from gdbext.lab import Lab, LabConfig
+    from gdbext.paths import GDBINIT
+
+    with Lab(LabConfig(memory_mb=1024)) as lab:     # started here, stopped by pid at exit
+        script = tmp_path / "check.gdb"
+        script.write_text(f"source {GDBINIT}\n"
+                          f"target remote {lab.gdb_target}\n"
+                          f"xen-syms {xen_syms_path}\n"
+                          f"xen-run-to {ENTRY}\n"
+                          "xen-l4merge-check --assume-relocated --only I3,I4,I6\n"
+                          "xen-l4merge-check\n"
+                          "echo not-reached\\n\n")
+        proc = subprocess.run([gdb_binary(), "-nx", "-batch", "-x", str(script)],
+                              capture_output=True, text=True, timeout=300,
+                              env=dict(__import__("os").environ, NO_COLOR="1"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "predict-relocated at __efi64_mb2_start" in out       # passed, went on
+    assert re.search(r"^I3\s+FAIL\s", out, re.M)                 # the report came first
+    assert re.search(r"xen-l4merge-check: \d+ checks failed: .*I3", out)
+    assert "not-reached" not in out and "Traceback" not in out
