@@ -334,17 +334,21 @@ class Pa2vaCommand(XenCommand):
             sit = situation(args)
             pa = parse_address(" ".join(args.address), "physical address", space="pa")
             en = paging.enumerate_ranges(sit.ctx, t.cache, sit.root)
+            loaded, xen_note = xen_cmds.loaded_or_note()
         hits = paging.pa_to_vas(en.ranges, pa)
+        name = loaded.name_pa(pa) if loaded is not None else None
         if args.json:
             gdb.write(render.to_json({"pa": pa, "root": sit.root, "mode": en.mode,
                                       "vas": [{**render.range_dict(r), "range_va": r[0],
                                                "va": va}  # the VA of PA, not the range's
-                                              for va, r in hits]}) + "\n")
+                                              for va, r in hits],
+                                      "pa_name": name, **_xen_keys(loaded, xen_note)}) + "\n")
             return
+        what = f"PA {pa:#x}" + (f" [{name}]" if name else "")
         if not hits:
-            _emit(f"PA {pa:#x} is not mapped under root {sit.root:#x}", from_tty)
+            _emit(f"{what} is not mapped under root {sit.root:#x}", from_tty)
             return
-        lines = [f"PA {pa:#x} is mapped at {len(hits)} virtual address(es):"]
+        lines = [f"{what} is mapped at {len(hits)} virtual address(es):"]
         for va, r in hits:
             lines.append(f"  {va:#018x}  ({x86.size_name(r[3])} page, "
                          f"{paging.attrs_flags(r[4])})")

@@ -116,8 +116,8 @@ def test_symbol_syntax_and_functions_equal_xen_syms_arithmetic(boot, syms):
     walk = boot.json("xen-va2pa efi_multiboot2@pa --json")
     assert walk["va"] == pa and walk["pa"] == parse_gva2gpa(boot.monitor(f"gva2gpa {pa:#x}"))
     assert walk["pa_name"] == "efi_multiboot2" and walk["load_base"] == base
-    vas = [v["va"] for v in boot.json("xen-pa2va efi_multiboot2@pa --json")["vas"]]
-    assert pa in vas
+    back = boot.json("xen-pa2va efi_multiboot2@pa --json")
+    assert pa in [v["va"] for v in back["vas"]] and back["pa_name"] == "efi_multiboot2"
     pt = boot.json("xen-pt --range efi_multiboot2@pa efi_multiboot2+0x1000@pa --json")
     assert pt["ranges"] and pt["ranges"][0]["va"] <= pa < pt["ranges"][-1]["end"]
     # A bare symbol where a PA is wanted is refused with the fix.
