@@ -52,7 +52,7 @@ from .paging import (ATTR_NX, ATTR_W, MODE_4LEVEL, Decoder, PagingContext, Walk,
                      enumerate_ranges, read_table, walk)
 from .xenimage import (ABSOLUTE, FOREIGN, NOT_PRESENT, RELOCATED, RELOCATED_TWICE,
                        UNRELOCATED, LoadedXen)
-from .xensyms import (_SHF_ALLOC, _SHF_EXECINSTR as _SHF_EXEC, PAGE_TABLES_END_SYMBOL,
+from .xensyms import (SHF_ALLOC, SHF_EXECINSTR, PAGE_TABLES_END_SYMBOL,
                       PAGE_TABLES_START_SYMBOL, XEN_PHYS_START_SYMBOL)
 
 # --- statuses and the registry of checks ------------------------------------------
@@ -1189,7 +1189,7 @@ def static_pointer_count(syms) -> int:
     n = 0
     lo, hi = syms.image_start, syms.image_end
     for sec in getattr(syms, "sections", ()):
-        if sec.type != "SHT_PROGBITS" or not sec.flags & _SHF_ALLOC or sec.flags & _SHF_EXEC:
+        if sec.type != "SHT_PROGBITS" or not sec.flags & SHF_ALLOC or sec.flags & SHF_EXECINSTR:
             continue
         start = (sec.addr + 7) & ~7
         count = (sec.addr + sec.size - start) // 8

@@ -458,9 +458,9 @@ class _SymbolTable:
 # ELF: xen-syms
 # ---------------------------------------------------------------------------
 
-_SHF_WRITE = 0x1
-_SHF_ALLOC = 0x2
-_SHF_EXECINSTR = 0x4
+SHF_WRITE = 0x1
+SHF_ALLOC = 0x2
+SHF_EXECINSTR = 0x4
 
 
 def _nm_letter(
@@ -477,13 +477,13 @@ def _nm_letter(
         c = "c"
     elif isinstance(shndx, int) and 0 < shndx < len(sections):
         shtype, flags = sections[shndx]
-        if flags & _SHF_EXECINSTR:
+        if flags & SHF_EXECINSTR:
             c = "t"
         elif shtype == "SHT_NOBITS":
             c = "b"
-        elif not flags & _SHF_ALLOC:
+        elif not flags & SHF_ALLOC:
             c = "n"
-        elif flags & _SHF_WRITE:
+        elif flags & SHF_WRITE:
             c = "d"
         else:
             c = "r"
@@ -721,7 +721,7 @@ class XenSymbols(_SymbolTable):
 
     def section_for(self, va: int) -> Optional[Section]:
         for sec in self.sections:
-            if sec.flags & _SHF_ALLOC and sec.addr <= va < sec.addr + sec.size:
+            if sec.flags & SHF_ALLOC and sec.addr <= va < sec.addr + sec.size:
                 return sec
         return None
 
