@@ -389,12 +389,15 @@ class WalkthroughCommand(XenCommand):
                 item["comparison"] = comparison_dict(xen, comp)
         changes = _changes_text(record.get("changes") or {})
         checks = _checks_text(record.get("checks") or [], record.get("mode"))
-        if changes or checks:
+        if changes or checks or record.get("error"):
             emit("")
         for line in changes:
             emit(line)
         if checks:
             emit(checks)
+        if record.get("error"):
+            emit(f"checks not made here: {record['error']}")
+            item["checks_error"] = record["error"]
         if args.svg_dir is not None:
             item["svg"] = _write_svg(args.svg_dir, number, stop, xen, regs)
             if item["svg"]:

@@ -1,0 +1,152 @@
+"""xen-walkthrough end to end on real boots of Debian's Xen 4.17, and the tutorial.
+
+Two boots from reset: ``xen-walkthrough --no-wait --json --svg-dir`` checked stop by
+stop against xen-syms arithmetic, Xen's console and QEMU's own translation; and the
+commands of docs/tutorial.md, whose output must still match what the document shows
+(tests/integration/tutorial.py says how blocks are marked and compared).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from gdbext import paths
+from gdbext.core import bootstops
+from gdbext.core import walkthrough as wt
+from gdbext.core.qemu import parse_gva2gpa
+from gdbext.core.xensyms import load_xen_syms
+from gdbext.gdbdriver import GdbSession
+from gdbext.lab import XEN_LOAD_BASE_RE, Lab, LabConfig
+
+from . import tutorial
+
+SVG_NS = "{http://www.w3.org/2000/svg}"
+CONSOLE_TIMEOUT_S = 30
+
+
+@pytest.fixture(scope="module")
+def syms():
+    return load_xen_syms(paths.XEN_DEBIAN_SYMS)
+
+
+@pytest.fixture(scope="module")
+def walked(tmp_path_factory):
+    """A boot from reset through the whole walkthrough (JSON, with SVGs); QEMU's own
+    translation of RIP at the last stop; then B from Xen's console."""
+    svg_dir = tmp_path_factory.mktemp("svg")
+    lab = Lab(LabConfig(memory_mb=1024))
+    gdb = None
+    try:
+        lab.start()
+        gdb = GdbSession(log=lab.workdir / "gdb.log")
+        gdb.execute(f"target remote {lab.gdb_target}")
+        gdb.execute(f"xen-syms {paths.XEN_DEBIAN_SYMS}")
+        out = gdb.execute(f"xen-walkthrough --no-wait --json --svg-dir {svg_dir}",
+                          timeout=tutorial.COMMAND_TIMEOUT_S).json()
+        rip = out["stops"][-1]["rip"]
+        qemu_pa = parse_gva2gpa(gdb.execute(f"monitor gva2gpa {rip:#x}").out)
+        gdb.close()   # detach: Xen runs on and prints its load base
+        console = lab.wait_for_serial(XEN_LOAD_BASE_RE, timeout=CONSOLE_TIMEOUT_S)
+        yield out, svg_dir, qemu_pa, int(console.group(1), 16)
+    finally:
+        if gdb is not None:
+            gdb.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(gdb.pid, signal.SIGKILL)
+        lab.stop()
+
+
+def by_stop(out):
+    return {s["stop"]: s for s in out["stops"]}
+
+
+def test_runs_every_stop_of_the_plan(walked, syms):
+    out, _, _, console_base = walked
+    assert out["error"] is None and out["complete"] is True
+    assert [s["stop"] for s in out["stops"]] == bootstops.build_plan(syms).names()
+    assert out["load_base"] == console_base           # Xen's own word for B
+    for s in out["stops"]:
+        assert s["lesson"] == wt.lesson(s["stop"]).text and s["title"]
+
+
+def test_walks_land_where_xen_syms_says(walked, syms):
+    out, _, qemu_pa, _ = walked
+    base = out["load_base"]
+    stops = by_stop(out)
+    target = syms.linked_va(wt.CALL_TARGET)
+    # At the load address, firmware's identity map: RIP's PA is RIP itself, B + offset.
+    entry = stops[bootstops.ENTRY]
+    assert entry["walk"]["va"] == entry["rip"] == base + syms.offset(bootstops.ENTRY)
+    assert entry["walk"]["pa"] == entry["rip"] and entry["paging"] is True
+    # Paging off at trampoline_setup: idle_pg_table still holds link-time values.
+    setup = stops[bootstops.TRAMPOLINE_SETUP]
+    assert setup["paging"] is False
+    l4 = setup["walk"]["levels"][0]
+    assert l4["table"] == base + syms.offset("idle_pg_table") and l4["index"] == 261
+    assert l4["entry"] == syms.link_qwords("idle_pg_table", 512)[261]
+    assert setup["walk"]["pa"] is None and "unrelocated" in l4["note"]
+    # Relocated, but l2_xenmap not yet filled: the walk stops at L2.
+    relocated = stops[bootstops.TABLES_RELOCATED]["walk"]
+    assert relocated["levels"][0]["entry"] == l4["entry"] + base
+    assert relocated["fault_level"] == 2
+    # Filled: efi_multiboot2's linked VA reaches B + offset, as at the trampoline's CR3.
+    for name in (bootstops.L2_XENMAP_FILLED, bootstops.TRAMPOLINE_CR3):
+        w = stops[name]["walk"]
+        assert w["va"] == target and w["pa"] == base + syms.offset(target)
+        assert [lv["table_name"] for lv in w["levels"]] == ["idle_pg_table", "l3_xenmap",
+                                                             "l2_xenmap"]
+    assert stops[bootstops.TRAMPOLINE_CR3]["cr3"] == base + syms.offset("idle_pg_table")
+    # At the linked address: QEMU translates RIP to the PA the walk shows.
+    last = stops[bootstops.START_XEN]
+    assert last["rip"] == syms.linked_va("__start_xen")
+    assert last["walk"]["pa"] == qemu_pa == base + syms.offset("__start_xen")
+
+
+def test_entry_compares_raw_and_relocated_merge(walked, syms):
+    out, _, _, _ = walked
+    base = out["load_base"]
+    comp = by_stop(out)[bootstops.ENTRY]["comparison"]
+    link = syms.link_qwords("idle_pg_table", 512)[261]
+    raw, rel = comp["raw"], comp["relocated"]
+    assert raw["slot"] == rel["slot"] == 261
+    assert raw["entry"] == link and rel["entry"] == link + base
+    assert raw["walk"]["levels"][1]["table"] == syms.offset("l3_xenmap")
+    assert raw["walk"]["pa"] is None and raw["bytes_match"] is not True
+    assert rel["walk"]["pa"] == base + syms.offset(wt.CALL_TARGET) and rel["bytes_match"]
+    failed_raw = {c["id"] for c in comp["verdicts"]["raw"] if c["status"] == "FAIL"}
+    assert {"I3", "I4", "I6"} <= failed_raw
+    assert all(c["status"] != "FAIL" for c in comp["verdicts"]["relocated"])
+
+
+def test_one_valid_svg_per_stop(walked):
+    out, svg_dir, _, _ = walked
+    files = sorted(p.name for p in svg_dir.glob("*.svg"))
+    assert files == sorted(os.path.basename(s["svg"]) for s in out["stops"])
+    assert len(files) == len(out["stops"])
+    entry = ET.parse(svg_dir / files[0]).getroot()
+    assert entry.tag == SVG_NS + "svg"
+    text = " ".join(t.text or "" for t in entry.iter(SVG_NS + "text"))
+    # The firmware tree and the two predicted merges, slot 261 in both.
+    assert text.count("L4[261]") >= 2 and "unrelocated" in text and "relocated" in text
+    for name in files[1:]:
+        assert ET.parse(svg_dir / name).getroot().tag == SVG_NS + "svg"
+
+
+def test_tutorial_output_still_matches(tmp_path):
+    doc = tutorial.parse(tutorial.DOC.read_text())
+    outputs, console_base = tutorial.run_commands([r.command for r in doc.runs], tmp_path)
+    for run in doc.runs:
+        got = outputs[run.command]
+        # The B the walkthrough prints is the one Xen prints on its console.
+        if run.command.startswith("xen-walkthrough"):
+            m = re.search(r"Xen's load base B = (0x[0-9a-f]+)", got)
+            assert m and int(m.group(1), 16) == console_base
+        problem = tutorial.compare(run.lines(), got.split("\n"), doc.load_base, console_base)
+        assert problem is None, f"docs/tutorial.md, '{run.command}': {problem}"
+    assert sorted(p.name for p in tmp_path.glob("*.svg"))   # the tutorial's --svg-dir
