@@ -641,6 +641,10 @@ def call_linked() -> dict:
         ctx = _paging_context(regs)
         new_rsp = (regs["rsp"] - 8) & _U64
         w = paging.walk(ctx, t.cache, ctx.root_from_cr3(regs["cr3"]), new_rsp)
+        # Where the first instruction fetch will go (the raw RFC table does not get there).
+        fetch = paging.walk(ctx, t.cache, ctx.root_from_cr3(regs["cr3"]), linked)
+    target_pa = lx.pa(CALL_TARGET)
+    reachable = fetch.mapped and fetch.pa == target_pa and not fetch.nx
     if code != syms.read_linked(call_va, call_len):
         raise GdbextError(f"xen-l4merge-apply: the bytes at {call_pa:#x} are not the ELF's "
                           f"call of {CALL_TARGET}: is this the build of xen-syms?")
@@ -665,7 +669,9 @@ def call_linked() -> dict:
         raise
     journal.called_linked = True
     return {"action": "call-linked", "ran_to_call": ran, "call": call_pa,
-            "return_address": return_address, "target": linked,
+            "return_address": return_address, "target": linked, "target_pa": target_pa,
+            "reachable": reachable, "fetch_pa": fetch.pa if fetch.mapped else None,
+            "fetch_fault": None if fetch.mapped else f"L{fetch.fault_level}: {fetch.fault}",
             "changes": [c.as_dict() for c in journal.changes[first:]]}
 
 
@@ -763,6 +769,13 @@ class L4MergeApplyCommand(XenCommand):
                     parts.append(_changes_text(step["changes"], f"{ran}called at the linked VA"))
                     parts.append(f"now at {CALL_TARGET}'s linked VA {step['target']:#x}; it "
                                  f"returns to {step['return_address']:#x}")
+                    if not step["reachable"]:
+                        where = (f"reaches PA {step['fetch_pa']:#x}" if step["fetch_pa"]
+                                 is not None else f"faults ({step['fetch_fault']})")
+                        parts.append(f"warning: under this CR3 the linked VA {where}, not "
+                                     f"{CALL_TARGET} at {step['target_pa']:#x}: the next "
+                                     "instruction fetch goes wrong (see xen-l4merge-check "
+                                     "I6); --undo restores")
         if args.json:
             gdb.write(render.to_json(result) + "\n")
         else:

@@ -277,7 +277,8 @@ def test_relocated_merge_reaches_efi_multiboot2_at_its_linked_va(at_entry_consum
 
     called = stop.json("xen-l4merge-apply --call-linked --json")["steps"][0]
     assert called["ran_to_call"] is False and called["call"] == call_pa
-    assert called["target"] == linked
+    assert called["target"] == linked and called["reachable"] is True
+    assert called["fetch_pa"] == base + syms.offset(CALL_TARGET)
     regs = qemu_registers(stop)
     assert regs["rip"] == linked and regs["rax"] == linked
     assert regs["rsp"] == at_call["rsp"] - 8
@@ -384,10 +385,22 @@ def test_a_new_boot_forgets_the_snapshot_and_the_journal(at_entry_consumable, sy
     assert forgotten == [True, True]
     reply = stop.gdb.execute("xen-l4merge-apply --undo", check=False)
     assert reply.error and "nothing to undo" in reply.error
-    # Applying works again, from the new boot's firmware tables.
-    again = stop.json("xen-l4merge-apply --json")["steps"][0]
-    assert qemu_registers(stop)["cr3"] == again["root"]
+    # Applying works again, from the new boot's firmware tables: the RFC's raw table,
+    # and the call at the linked VA on it is flagged, and really goes wrong.
+    linked = syms.linked_va(CALL_TARGET)
+    firmware_cr3 = qemu_registers(stop)["cr3"]
+    again, called = stop.json("xen-l4merge-apply --call-linked --json")["steps"]
+    assert again["relocated"] is False and qemu_registers(stop)["cr3"] == again["root"]
+    assert called["reachable"] is False and called["target_pa"] == base + syms.offset(CALL_TARGET)
+    assert qemu_registers(stop)["rip"] == linked
+    assert parse_gva2gpa(stop.monitor(f"gva2gpa {linked:#x}")) != called["target_pa"]
+    stop.cmd("stepi")
+    after = qemu_registers(stop)
+    assert after["cr2"] == linked                    # a page fault fetching efi_multiboot2
+    hit = syms.symbol_at(after["rip"])
+    assert hit is None or hit[0] != CALL_TARGET      # in the firmware's handler instead
     stop.json("xen-l4merge-apply --undo --json")
+    assert qemu_registers(stop)["cr3"] == firmware_cr3
 
 
 def test_gdb_batch_exits_nonzero_when_a_check_fails(xen_syms_path, tmp_path):
