@@ -410,8 +410,9 @@ def phys_start_holds(mem, syms, load_base: int) -> bool:
 
 
 def plausible_base(syms, value: int) -> bool:
-    """Aligned as the RELOCATABLE tag demands and not 0 (xen_phys_start before it is set)."""
-    return bool(value) and value % base_align(syms) == 0 and value < 1 << 52
+    """A physical address aligned as the RELOCATABLE tag demands, and not 0 (what
+    xen_phys_start holds before trampoline_setup sets it)."""
+    return 0 < value < 1 << x86.MAXPHYADDR_ARCH and value % base_align(syms) == 0
 
 
 def mbi_tags(mem, mbi_pa: int) -> List[Tuple[int, bytes]]:

@@ -525,7 +525,7 @@ def locate_cheap() -> Optional[Tuple[int, str]]:
             if rip_pa is not None:
                 cands.extend(xenimage.bases_around(syms, rip_pa))
             for b in cands:
-                if (xenimage.plausible_base(syms, b) and b >= 0
+                if (xenimage.plausible_base(syms, b)
                         and xenimage.phys_start_holds(mem, syms, b)
                         and xenimage.verify_base(mem, syms, b, image_bytes=0)):
                     return b, f"{XEN_PHYS_START_SYMBOL} at its PA"

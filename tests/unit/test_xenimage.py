@@ -261,3 +261,13 @@ def test_a_map_file_finds_nothing_and_says_unknown(xen, guest):
     assert check_build_id(guest, syms, B).match is None
     # Names still work at B.
     assert LoadedXen(syms, B).name_pa(B + syms.offset("l3_xenmap")) == "l3_xenmap"
+
+
+def test_plausible_base(xen):
+    syms = xen.syms
+    align = xenimage.base_align(syms)
+    assert xenimage.plausible_base(syms, B)
+    assert not xenimage.plausible_base(syms, 0)            # xen_phys_start not yet set
+    assert not xenimage.plausible_base(syms, B + 0x1000)   # not aligned as the tag says
+    assert not xenimage.plausible_base(syms, -align)
+    assert not xenimage.plausible_base(syms, 1 << x86.MAXPHYADDR_ARCH)
