@@ -104,6 +104,10 @@ def test_junit_parses_and_lists_every_check(plain_prediction):
     for stop in result["stops"]:
         assert cases[(stop["stop"], "reached")].find("failure") is None
         expected += 1
+        if stop.get("error"):   # checks that could not be made there: a JUnit error
+            err = cases[(stop["stop"], "checks could be made")].find("error")
+            assert err.get("message") == stop["error"]
+            expected += 1
         for check in stop["checks"]:
             case = cases[(stop["stop"], f"{check['id']} {check['title']}")]
             expected += 1
@@ -115,22 +119,31 @@ def test_junit_parses_and_lists_every_check(plain_prediction):
                 assert case.find("skipped").get("message") == check["summary"]
             else:
                 assert case.find("failure") is None and case.find("skipped") is None
+    if result.get("error"):
+        assert cases[("run", "boot check run")].find("error") is not None
+        expected += 1
     assert len(cases) == expected == int(root.get("tests"))
     n_failed = sum(1 for s in result["stops"] for c in s["checks"] if c["status"] == "FAIL")
     assert int(root.get("failures")) == n_failed
 
 
 def test_relocated_prediction_passes_the_call_checks(tmp_path):
+    """The checks that concern the call, where the call is: the entry (the predicted
+    table) and the call itself."""
     only = ",".join(l4merge.CALL_CHECKS)
-    proc, report, root = boot_check(tmp_path, "--predict", "--assume-relocated", "--only", only)
+    stops = f"{bootstops.ENTRY},{bootstops.CALL}"
+    proc, report, root = boot_check(tmp_path, "--predict", "--assume-relocated", "--only", only,
+                                    "--stops", stops)
     assert proc.returncode == 0, proc.stderr
     result = report["result"]
+    assert result["reached"] == [bootstops.ENTRY, bootstops.CALL]
     entry = result["stops"][0]
     statuses = {c["id"]: c["status"] for c in entry["checks"]}
     assert set(statuses) == set(l4merge.CALL_CHECKS)
     assert statuses["I6"] == "PASS" and statuses["I3"] == "PASS" and statuses["I4"] == "PASS"
     ran = {c["id"] for s in result["stops"] for c in s["checks"]}
     assert ran <= set(l4merge.CALL_CHECKS)
+    assert all(c["status"] != "FAIL" for s in result["stops"] for c in s["checks"])
     assert root.get("failures") == "0" and root.get("errors") == "0"
     assert proc.stdout.strip().splitlines()[-1].startswith("xen-boot-check: ok:")
 
