@@ -198,10 +198,25 @@ class PtCommand(XenCommand):
         p.add_argument("--no-follow-cycles", action="store_true",
                        help="do not descend through entries that point back to a table above "
                             "(e.g. Xen's linear page-table slot 258)")
+        p.add_argument("--svg", metavar="FILE",
+                       help="instead, draw the tree from ROOT as a picture in FILE (SVG; the "
+                            "same as xen-diagram --svg, see 'help xen-diagram')")
+        p.add_argument("--dot", metavar="FILE",
+                       help="instead, write the tree from ROOT as Graphviz DOT to FILE")
         add_json_option(p)
         return p
 
     def run(self, args, from_tty):
+        if args.svg or args.dot:
+            # One drawing path for xen-pt and xen-diagram (diagram_cmds owns it).
+            from .diagram_cmds import write_diagram
+            result = write_diagram(args.svg, args.dot, root=args.root, mode=args.mode)
+            if args.json:
+                gdb.write(render.to_json({"files": [str(f) for f in result.files],
+                                          "note": result.note}) + "\n")
+            else:
+                gdb.write("".join(f"wrote {f}\n" for f in result.files))
+            return
         t = target()
         with t.phys_mode():
             sit = situation(args)

@@ -173,3 +173,16 @@ def test_xen_tables_at_construct_dom0(at_construct_dom0, xen_syms_path, tmp_path
         link = xen.link_entry("l3_xenmap", r["first"])
         assert r["raw"] == found
         assert r["verdict"] == classify_pointer(found & MASK, link & MASK, load_base)
+
+
+def test_xen_pt_svg_and_dot_draw_the_same_tree_as_xen_diagram(at_entry, tmp_path):
+    svg, dot = tmp_path / "pt.svg", tmp_path / "pt.dot"
+    written = at_entry.json(f"xen-pt --svg {svg} --dot {dot} --json")["files"]
+    assert written == [str(svg), str(dot)]
+    root = qemu_reg(at_entry, "CR3") & ~0xFFF
+    present = [i for i, e in enumerate(qemu_qwords(at_entry, root, 512)) if e & x86.PTE_P]
+    drawn = [int(g.get("data-index"))
+             for g in ET.parse(svg).getroot().iter(f"{SVG_NS}g")
+             if g.get("class") == "l4-slot"]
+    assert drawn == present
+    assert dot.read_text().lstrip().startswith("digraph")
