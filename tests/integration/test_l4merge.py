@@ -18,6 +18,8 @@ from gdbext.core.l4merge import CALL_CHECKS
 from gdbext.core.qemu import parse_gva2gpa
 from gdbext.core.xensyms import load_xen_syms
 
+from .conftest import booted_to
+
 ENTRY = "__efi64_mb2_start"
 CALL_TARGET = "efi_multiboot2"
 XP_LINE = re.compile(r"^([0-9a-fA-F]+):((?:\s+0x[0-9a-fA-F]+)+)\s*$")
@@ -429,3 +431,18 @@ def test_gdb_batch_exits_nonzero_when_a_check_fails(xen_syms_path, tmp_path):
     assert re.search(r"^I3\s+FAIL\s", out, re.M)                 # the report came first
     assert re.search(r"xen-l4merge-check: \d+ checks failed: .*I3", out)
     assert "not-reached" not in out and "Traceback" not in out
+
+
+def test_paging_off_in_trampoline_setup_is_not_an_error(xen_syms_path):
+    # 32-bit code with paging off: no table to judge, every check says why it does not apply.
+    with booted_to("trampoline_setup", xen_syms_path) as stop:
+        cr0 = int(re.search(r"\bCR0=([0-9a-fA-F]+)", stop.monitor("info registers")).group(1), 16)
+        assert not cr0 & (1 << 31)                       # CR0.PG clear: QEMU's word
+        result = stop.json("xen-l4merge-check --json")
+        assert result["mode"] == "live" and result["stop"] == "trampoline_setup"
+        assert result["ok"] is True and result["table"] is None
+        assert all(c["status"] == "SKIP" and "does not apply at trampoline_setup" in c["summary"]
+                   for c in result["checks"])
+        reply = stop.gdb.execute("xen-l4merge-apply", check=False)
+        assert reply.error and "not at __efi64_mb2_start" in reply.error
+        assert phymem_mode(stop) == "0"
