@@ -348,6 +348,12 @@ def test_raw_apply_is_reported_before_stepping_and_undo_is_exact(at_entry_consum
     assert fault["target_pa"] == syms.offset("l3_xenmap")
     assert checks["I1"]["status"] == "PASS"          # the lower half is the firmware's
     assert qemu_registers(stop)["rip"] == regs_before["rip"]   # nothing was stepped
+    # The same table named with --table (how a table of one's own is checked).
+    out, error = capture(stop, f"xen-l4merge-check --table {root:#x} --only I3,I6 --json")
+    given = json_line(out)
+    assert given["mode"] == "live" and given["table"] == root
+    assert [c["status"] for c in given["checks"]] == ["FAIL", "FAIL"]
+    assert failed_ids(error) == ["I3", "I6"]
 
     # A second apply is refused; --undo restores every byte and register.
     reply = stop.gdb.execute("xen-l4merge-apply --relocate", check=False)
