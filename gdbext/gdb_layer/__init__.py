@@ -20,9 +20,9 @@ def install() -> bool:
     XenPrefix()
     paging_cmds.install()
     xen_cmds.install()
+    from . import merge_cmds; merge_cmds.install()
     from . import session_cmds; session_cmds.install()
     from . import diagram_cmds; diagram_cmds.install()
     from . import walkthrough_cmds; walkthrough_cmds.install()
     _INSTALLED = True
     return True
-    from . import merge_cmds; merge_cmds.install()
