@@ -309,9 +309,13 @@ def _on_stop(event) -> None:
         record = session.at_stop(rip)
         if record is None:
             stop = session.stop_for(rip)
-            what = "a helper stop" if stop is not None and not session.wanted(stop) \
-                else "a planted address whose bytes are not Xen's"
-            gdb.write(f"xen-mb2-break: {rip:#x} is {what}; 'continue' goes on\n")
+            if stop is not None and not session.wanted(stop):
+                tp = session.trampoline_phys
+                what = (f"{stop.name}, a helper stop: trampoline_phys = "
+                        + (f"{tp:#x}" if tp is not None else "unknown"))
+            else:
+                what = f"{rip:#x}, a planted address whose bytes are not Xen's"
+            gdb.write(f"xen-mb2-break: stopped at {what}; 'continue' goes on\n")
             return
         _print_record(session, record, len(session.records))
         if record["stop"] == session.selected[-1].name:
@@ -421,7 +425,9 @@ class Mb2BreakCommand(XenCommand):
         if not args.json:
             planted = [s.name for s in session.selected if s.name != ENTRY
                        and s.name not in pending]
-            gdb.write("xen-mb2-break: planted " + (", ".join(planted) or "nothing")
+            helpers = [f"{h.name} (a helper stop, to learn trampoline_phys)"
+                       for h in session.helpers]
+            gdb.write("xen-mb2-break: planted " + (", ".join(planted + helpers) or "nothing")
                       + (f"; later: {', '.join(pending)}" if pending else "")
                       + ". 'continue' stops at the next one.\n")
             for note in session.plan.notes:
