@@ -211,7 +211,7 @@ class Session:
                     "note": "checks unavailable: gdbext.gdb_layer.merge_cmds is not installed"}
         try:
             result = api.check_here(stop=stop.name, predict=predict,
-                                    assume_relocated=self.args.assume_relocated,
+                                    assume_relocated=predict and bool(self.args.assume_relocated),
                                     only=ids, skip=None)
         except GdbextError as err:
             return {"checks": [], "error": f"checks at {stop.name}: {err}"}

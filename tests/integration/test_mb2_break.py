@@ -20,6 +20,7 @@ import pytest
 from gdbext.bootcheck import keep_output, split_kept_output
 from gdbext.core import bootstops
 from gdbext.core.bootstops import ENTRY, HIGH_START, LOW, START_XEN, TRAMPOLINE_CR3, build_plan
+from gdbext.core.l4merge import CALL_CHECKS
 from gdbext.core.xensyms import load_xen_syms
 from gdbext.gdbdriver import GdbSession
 from gdbext.lab import XEN_LOAD_BASE_RE, Lab, LabConfig
@@ -218,3 +219,18 @@ def test_predicted_failure_stops_unless_keep_going(fresh, syms):
     assert again.error is not None and "I3 at __efi64_mb2_start" in again.error
     assert fresh.qemu_registers()["rip"] == syms.linked_va("__start_xen")
 
+
+
+def test_relocated_prediction_passes_the_call_checks(fresh):
+    """--predict --assume-relocated (Frediano's fix): at the entry and at the call, every
+    check that decides whether the call at the linked VA can work passes; --skip drops."""
+    reply = fresh.run(f"xen-mb2-break --batch --predict --assume-relocated --json --skip I10 "
+                      f"--stops '{ENTRY},{bootstops.CALL}' --timeout {WAIT_S}")
+    assert reply.error is None, reply.error
+    result = reply.json()
+    assert result["ok"] and result["complete"] and result["reached"] == [ENTRY, bootstops.CALL]
+    for rec in result["stops"]:
+        assert rec["mode"] == "predict-relocated", rec["stop"]
+        status = {c["id"]: c["status"] for c in rec["checks"]}
+        assert "I10" not in status
+        assert all(status[c] == "PASS" for c in CALL_CHECKS), (rec["stop"], status)
