@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import GdbextError
-from .l4merge import CHECK_IDS, CHECKS_AT_STOP
+from .l4merge import CHECK_IDS, CHECKS_AT_STOP, FAIL, STATUSES
 
 # -- stop names (the shared contract) ------------------------------------------
 
@@ -566,6 +566,7 @@ def select_checks(applicable: Sequence[str], only: Optional[Iterable[str]] = Non
 
 # -- text ------------------------------------------------------------------------------
 
+_U32 = 0xFFFF_FFFF  # %esi: trampoline_setup is 32-bit code
 # How many changed L4 indices a report line lists before "...".
 _L4_SHOWN = 8
 
@@ -607,9 +608,9 @@ def record_text(record: Mapping[str, object], number: int, total: int,
     if "r15" in regs:
         lines.append(f"  %r15 {regs['r15']:#x}: where x86_32_switch goes next")
     if "rsi" in regs and record["stop"] == TRAMPOLINE_SETUP:
-        ok = "== B" if load_base is not None and regs["rsi"] & 0xFFFFFFFF == load_base \
-            else "!= B"
-        lines.append(f"  %esi {regs['rsi'] & 0xFFFFFFFF:#x} {ok}")
+        esi = regs["rsi"] & _U32
+        ok = "== B" if load_base is not None and esi == load_base else "!= B"
+        lines.append(f"  %esi {esi:#x} {ok}")
     checks = list(record.get("checks") or [])
     if checks:
         for c in checks:
@@ -629,16 +630,16 @@ def summary_text(result: Mapping[str, object]) -> str:
     rows = []
     for r in result.get("stops") or []:
         counts = r.get("counts") or {}
-        failed = [c.get("id") for c in r.get("checks") or [] if c.get("status") == "FAIL"]
-        rows.append([r["stop"], f"{r['rip']:#x}", f"{r['cr3']:#x}" if r.get("cr3") is not None
-                     else "-", counts.get("PASS", 0), counts.get("FAIL", 0),
-                     counts.get("WARN", 0), counts.get("SKIP", 0), ", ".join(failed)])
-    table = tabulate(rows, headers=["stop", "RIP", "CR3", "PASS", "FAIL", "WARN", "SKIP",
-                                    "failed"], tablefmt="simple", disable_numparse=True)
+        failed = [c["id"] for c in r.get("checks") or [] if c["status"] == FAIL]
+        cr3 = f"{r['cr3']:#x}" if r.get("cr3") is not None else "-"
+        rows.append([r["stop"], f"{r['rip']:#x}", cr3]
+                    + [counts.get(s, 0) for s in STATUSES] + [", ".join(failed)])
+    table = tabulate(rows, headers=["stop", "RIP", "CR3", *STATUSES, "failed"],
+                     tablefmt="simple", disable_numparse=True)
     c = result.get("counts") or {}
     verdict = (f"{'complete' if result.get('complete') else 'incomplete'}: "
-               f"{len(result.get('reached') or [])} stops, {c.get('PASS', 0)} PASS, "
-               f"{c.get('FAIL', 0)} FAIL, {c.get('WARN', 0)} WARN, {c.get('SKIP', 0)} SKIP")
+               f"{len(result.get('reached') or [])} stops, "
+               + ", ".join(f"{c.get(s, 0)} {s}" for s in STATUSES))
     if result.get("error"):
         verdict += f"; error: {result['error']}"
     notes = [f"note: {n}" for n in result.get("notes") or []]

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 import gdb
 
-from ..core import bootstops, render
+from ..core import bootstops, l4merge, render, x86
 from ..core.bootstops import (ENTRY, LOW, STOP_ORDER, BootStop, TablesSnapshot,
                               diff_snapshots, qwords, select_checks, where_in_boot)
 from ..core.errors import GdbextError, MemoryReadError
@@ -38,8 +38,7 @@ STOP_REGISTERS = ("rip", "rsp", "cr0", "cr3", "cr4", "efer")
 # Registers that say more at one stop: where x86_32_switch goes next (%r15),
 # the load base trampoline_setup works from (%esi).
 EXTRA_REGISTERS = {bootstops.SWITCH: ("r15",), bootstops.TRAMPOLINE_SETUP: ("rsi",)}
-PAGE = 0x1000
-QWORDS_PER_PAGE = PAGE // 8
+PAGE = x86.PAGE_SIZE
 
 _SESSION: Optional["Session"] = None
 _HANDLER_CONNECTED = False
@@ -188,7 +187,7 @@ class Session:
         boot = {}
         with target().phys_mode():
             try:
-                root = qwords(cache.read_phys(cr3 & ~0xFFF, PAGE))
+                root = qwords(cache.read_phys(cr3 & ~x86.CR3_FLAGS_MASK, PAGE))
             except MemoryReadError:
                 root = None
             for table, sym in self.syms.boot_tables():
@@ -278,19 +277,20 @@ class Session:
         return {"load_base": self.load_base,
                 "complete": reached == [s.name for s in self.selected],
                 "reached": reached, "stops": self.records, "counts": counts,
-                "ok": counts["FAIL"] == 0 and error is None, "error": error,
+                "ok": counts[l4merge.FAIL] == 0 and error is None, "error": error,
                 "notes": notes}
 
 
 def _counts(checks: List[dict]) -> Dict[str, int]:
-    out = {"PASS": 0, "FAIL": 0, "WARN": 0, "SKIP": 0}
+    """PASS/FAIL/WARN/SKIP counts of check dicts (the contract's "counts")."""
+    out = {status: 0 for status in l4merge.STATUSES}
     for c in checks:
-        out[c.get("status", "SKIP")] = out.get(c.get("status", "SKIP"), 0) + 1
+        out[c["status"]] += 1
     return out
 
 
 def _failed(record: dict) -> bool:
-    return any(c.get("status") == "FAIL" for c in record["checks"])
+    return any(c["status"] == l4merge.FAIL for c in record["checks"])
 
 
 # -- interactive mode: reports from GDB's stop event -------------------------------------
@@ -470,7 +470,7 @@ class Mb2BreakCommand(XenCommand):
         else:
             gdb.write(bootstops.summary_text(result) + "\n")
         failed = [f"{c['id']} at {r['stop']}" for r in result["stops"] for c in r["checks"]
-                  if c.get("status") == "FAIL"]
+                  if c["status"] == l4merge.FAIL]
         if failed:
             raise GdbextError(f"xen-mb2-break: {len(failed)} check(s) failed: "
                               + ", ".join(failed[:6]) + (" ..." if len(failed) > 6 else ""))
