@@ -23,7 +23,6 @@ from .conftest import booted_to
 ENTRY = "__efi64_mb2_start"
 CALL_TARGET = "efi_multiboot2"
 XP_LINE = re.compile(r"^([0-9a-fA-F]+):((?:\s+0x[0-9a-fA-F]+)+)\s*$")
-ERROR_MARK = "@@gdbext-error@@ "
 PAGE = 4096
 
 
@@ -33,21 +32,10 @@ def syms(xen_syms_path):
 
 
 def capture(stop, command: str):
-    """(output, error line) of a GDB command, keeping the output of one that fails.
-
-    The driver runs commands with to_string=True, which drops what a failing command
-    printed; xen-l4merge-check prints its report and then fails when a check FAILs."""
-    code = (f"try:\n gdb.execute({command!r})\n"
-            f"except gdb.error as e:\n gdb.write({ERROR_MARK!r} + str(e) + '\\n')\n")
-    out = stop.cmd(f"python exec({code!r})", timeout=180).out
-    error = None
-    kept = []
-    for line in out.splitlines():
-        if line.startswith(ERROR_MARK):
-            error = line[len(ERROR_MARK):]
-        else:
-            kept.append(line)
-    return "\n".join(kept), error
+    """(output, error line) of a GDB command: the driver keeps the report of a command
+    that prints it and then fails (xen-l4merge-check with a FAIL)."""
+    reply = stop.gdb.execute(command, timeout=180, check=False)
+    return reply.out, reply.error
 
 
 def json_line(text: str) -> dict:
