@@ -146,7 +146,8 @@ CHECKS_AT_STOP: Dict[str, Tuple[str, ...]] = {
     STOP_TRAMPOLINE_SETUP: (),
     STOP_TABLES_RELOCATED: ("I9",),
     STOP_L2_XENMAP_FILLED: ("I5", "I11"),
-    STOP_TRAMPOLINE_CR3: ("I0", "I5", "I9", "I11"),
+    # Paging is still off at the trampoline's CR3 load (it is turned on after): no I0.
+    STOP_TRAMPOLINE_CR3: ("I5", "I9", "I11"),
     STOP_HIGH_START: ("I0", "I9"),
     STOP_START_XEN: ("I0", "I9"),
 }

@@ -59,7 +59,8 @@ class PagingMode:
 
     @property
     def long_mode(self) -> bool:
-        return self.entry_size == 8 and self.va_bits > 32
+        # Paging off is not long-mode paging, whatever its entry size says.
+        return bool(self.shapes) and self.entry_size == 8 and self.va_bits > 32
 
     def shape(self, level: int) -> LevelShape:
         return self.shapes[self.top_level - level]

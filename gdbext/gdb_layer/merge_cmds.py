@@ -176,11 +176,6 @@ def _paging_context(regs: Dict[str, int]) -> PagingContext:
                                         maxphyaddr=maxphyaddr())
 
 
-def _long_mode(ctx: PagingContext) -> bool:
-    """4- or 5-level paging on (MODE_OFF also has 8-byte entries and 64-bit VAs)."""
-    return ctx.mode is not paging.MODE_OFF and ctx.mode.long_mode
-
-
 def _set_register(name: str, value: int) -> None:
     """Write a register through GDB (QEMU's gdbstub accepts CR3 too).
 
@@ -255,7 +250,7 @@ def remember_firmware() -> dict:
     with t.phys_mode():
         regs = _read_registers(SNAPSHOT_REGISTERS)
         ctx = _paging_context(regs)
-        if not _long_mode(ctx):
+        if not ctx.mode.long_mode:
             raise GdbextError(f"remember_firmware: the CPU is in {ctx.mode.name} paging, not "
                               f"long mode: the firmware's 64-bit tables are only in CR3 at "
                               f"{ENTRY}")
@@ -296,7 +291,7 @@ def _evaluate(stop: Optional[str] = None, predict: bool = False,
     with t.phys_mode():
         regs = _read_registers(CHECK_REGISTERS)
         ctx = _paging_context(regs)
-        cur_root = ctx.root_from_cr3(regs["cr3"]) if _long_mode(ctx) else None
+        cur_root = ctx.root_from_cr3(regs["cr3"]) if ctx.mode.long_mode else None
         here = stop or _where(lx, regs["rip"])
         firmware_in_cr3 = cur_root is not None and not lx.in_image(cur_root)
         if here == ENTRY and journal is None and firmware_in_cr3 and firmware_root is None:

@@ -288,6 +288,7 @@ def test_lme_without_lma_walks_as_pae_not_long_mode():
 def test_paging_off():
     ctx = PagingContext.from_registers(CR0_PE, CR4_PAE, LME | LMA)
     assert ctx.mode is MODE_OFF
+    assert not ctx.mode.long_mode  # paging off is not long-mode paging
     mem = SyntheticMemory()
     with pytest.raises(PagingOff):
         walk(ctx, mem, 0x1000, 0x1000)
