@@ -29,7 +29,7 @@ from .errors import GdbextError, MemoryReadError
 from .memory import PageCache, PhysMemory
 from .paging import Decoder, PagingContext
 from . import xenimage
-from .xenimage import LoadedXen
+from .xenimage import IDLE_L4, LoadedXen  # noqa: F401 (IDLE_L4 re-exported)
 
 # Where a table (or a page an entry points to) lives.
 OWNER_XEN = "xen"            # inside Xen's loaded image [B + offset(_start), B + offset(_end))
@@ -37,8 +37,6 @@ OWNER_FIRMWARE = "firmware"  # outside it, while the firmware's tables are in us
 OWNER_OUTSIDE = "outside"    # outside it, once Xen runs at its linked address (its own allocations)
 OWNER_UNKNOWN = "unknown"    # no Xen symbols or load base: cannot tell
 
-# The L4 table Xen boots from; a merged root (the RFC's efi_l4_bootmap) copies its upper half.
-IDLE_L4 = "idle_pg_table"
 
 # Flags that say nothing about the mapping: the CPU sets them as it walks.
 _STATUS_BITS = x86.PTE_A | x86.PTE_D

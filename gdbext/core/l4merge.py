@@ -51,7 +51,7 @@ from .memory import PageCache, PhysMemory, SyntheticMemory
 from .paging import (ATTR_NX, ATTR_W, MODE_4LEVEL, Decoder, PagingContext, Walk,
                      enumerate_ranges, read_table, walk)
 from .xenimage import (ABSOLUTE, FOREIGN, NOT_PRESENT, RELOCATED, RELOCATED_TWICE,
-                       UNRELOCATED, LoadedXen)
+                       UNRELOCATED, IDLE_L4, LoadedXen)
 from .xensyms import (SHF_ALLOC, SHF_EXECINSTR, PAGE_TABLES_END_SYMBOL,
                       PAGE_TABLES_START_SYMBOL, XEN_PHYS_START_SYMBOL)
 
@@ -243,7 +243,6 @@ FILL_BY_PA = ("l2_bootmap", "l2_directmap")    # by PA >> 21
 PATCH_TABLE = "efi_l4_bootmap"                 # the RFC's M
 # Where M goes in a build without the patch: see default_table_pa().
 SCRATCH_TABLE = "l3_bootmap"
-IDLE_L4 = "idle_pg_table"
 L4_HALF = 256
 ENTRIES = 512
 _LOW32 = 0xFFFF_FFFF

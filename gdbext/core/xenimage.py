@@ -39,6 +39,10 @@ ABSOLUTE = "absolute"
 NOT_PRESENT = "not-present"
 POINTER_CLASSES = (RELOCATED, UNRELOCATED, RELOCATED_TWICE, FOREIGN, ABSOLUTE, NOT_PRESENT)
 
+# The L4 Xen boots from (CR3 once Xen runs); a merged root (the RFC's
+# efi_l4_bootmap) copies its upper half.
+IDLE_L4 = "idle_pg_table"
+
 # Boot tables whose link-time entries are absolute PAs that no fix-up touches.
 ABSOLUTE_TABLES = ("l1_directmap",)
 

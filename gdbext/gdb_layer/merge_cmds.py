@@ -41,7 +41,7 @@ from .paging_cmds import maxphyaddr
 ENTRY = bootstops.ENTRY                 # "__efi64_mb2_start"
 CALL = bootstops.CALL                   # "call efi_multiboot2"
 CALL_TARGET = bootstops.EFI_MB2         # "efi_multiboot2"
-MERGE_TABLE_SYMBOL = "efi_l4_bootmap"   # the RFC's merged table (patched builds only)
+MERGE_TABLE_SYMBOL = l4merge.PATCH_TABLE  # the RFC's merged table (patched builds only)
 SNAPSHOT_REGISTERS = ("cr0", "cr3", "cr4", "efer", "rip", "rsp", "rbx")
 CHECK_REGISTERS = ("cr0", "cr3", "cr4", "efer", "rip", "rsp", "rax", "rbx")
 # Continuing from the entry to the call instruction takes microseconds of guest time;
@@ -268,6 +268,34 @@ def remember_firmware() -> dict:
     return SESSION.firmware.as_dict()
 
 
+def _predict_from(lx: LoadedXen, fw_root: int, fw_l4: Optional[bytes], relocate: bool,
+                  table: Optional[int] = None) -> l4merge.Prediction:
+    """The RFC's merge predicted from F as captured (``fw_l4``), even if the firmware
+    changed its L4 since; nothing is written to the guest.  Inside phys_mode."""
+    fw_mem = SyntheticMemory(ram_size=1 << x86.MAXPHYADDR_ARCH, base=target().cache)
+    if fw_l4 is not None:
+        fw_mem.write(fw_root, fw_l4)
+    return l4merge.predict_merge(lx.syms, fw_mem, lx.load_base, fw_root, relocate=relocate,
+                                 table_pa=table)
+
+
+def predicted_merge(relocate: bool = False) -> l4merge.Prediction:
+    """The RFC's merged L4 as it would be built from the firmware's L4 (captured at
+    __efi64_mb2_start, or CR3 itself while it is still the firmware's), for
+    ``xen-pt --root merge`` and friends.  Inside phys_mode; writes nothing."""
+    lx = _loaded()
+    snap = firmware_snapshot()
+    if snap is not None:
+        return _predict_from(lx, snap.root, snap.l4, relocate)
+    regs = _read_registers(("cr0", "cr3", "cr4", "efer"))
+    ctx = _paging_context(regs)
+    root = ctx.root_from_cr3(regs["cr3"]) if ctx.mode.long_mode else None
+    if root is None or lx.in_image(root):
+        raise GdbextError(f"the merge is predicted from the firmware's L4, which is in CR3 at "
+                          f"{ENTRY}: stop there first (xen-run-to {ENTRY})")
+    return _predict_from(lx, root, None, relocate)
+
+
 # --- the checks ---------------------------------------------------------------------
 
 def _skip_result(check_id: str, why: str) -> l4merge.CheckResult:
@@ -341,11 +369,7 @@ def _evaluate(stop: Optional[str] = None, predict: bool = False,
                 raise GdbextError(
                     "xen-l4merge-check: the prediction needs the firmware's L4: stop at "
                     f"{ENTRY} first (xen-run-to {ENTRY}), or give --firmware-root ADDR")
-            # Predict from F as captured, even if the firmware changed it since.
-            fw_mem = SyntheticMemory(ram_size=1 << x86.MAXPHYADDR_ARCH, base=t.cache)
-            fw_mem.write(fw_root, fw_l4)
-            prediction = l4merge.predict_merge(syms, fw_mem, base, fw_root,
-                                               relocate=assume_relocated, table_pa=table)
+            prediction = _predict_from(lx, fw_root, fw_l4, assume_relocated, table)
             mem = prediction.mem
             merged = prediction.root
             merged_source = f"predicted ({prediction.table_source})"

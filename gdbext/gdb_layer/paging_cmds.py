@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 import gdb
 
-from ..core import paging, render, x86, xenimage
+from ..core import l4merge, paging, render, x86, xenimage
 from ..core.errors import GdbextError
 from ..core.paging import ATTR_NX, ATTR_U, ATTR_W, MODES, PagingContext
 from . import xen_cmds
@@ -61,6 +61,18 @@ class Situation:
     ctx: PagingContext
     root: int
     root_source: str
+    # Memory to walk: the guest's (None), or an overlay holding a predicted merge.
+    mem: Optional[object] = None
+    # The Xen table whose link values the root's entries are copies of (a merged L4's
+    # upper half copies idle_pg_table's), for judging its pointers.
+    judge_root_as: Optional[str] = None
+
+    def memory(self):
+        return self.mem if self.mem is not None else target().cache
+
+
+# --root values that walk the RFC's merged L4 as predicted (nothing written).
+MERGE_ROOTS = {"merge": False, "merge-relocated": True}
 
 
 def read_control_registers() -> Dict[str, int]:
@@ -71,7 +83,10 @@ def read_control_registers() -> Dict[str, int]:
 def add_root_options(p: CommandParser) -> None:
     p.add_argument("--root", default="cr3", metavar="ROOT",
                    help="top-level table: 'cr3' (default), or its physical address: a GDB "
-                        "expression, or SYMBOL@pa (e.g. idle_pg_table@pa)")
+                        "expression, or SYMBOL@pa (e.g. idle_pg_table@pa); or 'merge' / "
+                        "'merge-relocated': the RFC's merged L4 as predicted from the "
+                        "firmware's (at __efi64_mb2_start; the guest is not written), its "
+                        "upper half copied raw / with B added to Xen's pointers")
     p.add_argument("--mode", choices=sorted(m for m in MODES if m != "off"),
                    help="paging mode to interpret ROOT in (default: the CPU's, from CR0, CR4 "
                         "and EFER.LMA)")
@@ -91,6 +106,15 @@ def situation(args: argparse.Namespace) -> Situation:
                           "and --root to read a table anyway")
     if args.root == "cr3":
         return Situation(regs, ctx, ctx.root_from_cr3(regs["cr3"]), "cr3")
+    if args.root in MERGE_ROOTS:
+        if ctx.mode is not paging.MODE_4LEVEL:
+            raise GdbextError(f"--root {args.root}: the RFC's merge is a 4-level L4; the CPU "
+                              f"is in {ctx.mode.name} paging")
+        from . import merge_cmds  # here, not at the top: merge_cmds imports this module
+        pred = merge_cmds.predicted_merge(relocate=MERGE_ROOTS[args.root])
+        return Situation(regs, ctx, pred.root,
+                         f"{args.root}: predicted, M in {pred.table_source}",
+                         mem=pred.mem, judge_root_as=l4merge.IDLE_L4)
     root = parse_address(args.root, "root table", space="pa")
     align = 32 if ctx.mode is paging.MODE_PAE else x86.PAGE_SIZE
     if root & (align - 1):
@@ -227,10 +251,10 @@ class PtCommand(XenCommand):
             loaded, xen_note = xen_cmds.loaded_or_note()
             namer = loaded.name_pa if loaded is not None else None
             if args.levels:
-                text = tree_text(sit, t.cache, lo, hi, namer)
+                text = tree_text(sit, sit.memory(), lo, hi, namer)
                 _emit(text + (f"\n({xen_note})" if xen_note else ""), from_tty)
                 return
-            en = paging.enumerate_ranges(sit.ctx, t.cache, sit.root, lo, hi,
+            en = paging.enumerate_ranges(sit.ctx, sit.memory(), sit.root, lo, hi,
                                          follow_cycles=not args.no_follow_cycles)
         ranges = _filter(en.ranges, args)
         truncated = 0
@@ -264,10 +288,15 @@ def _xen_keys(loaded, xen_note: Optional[str]) -> Dict[str, object]:
             "xen_note": xen_note}
 
 
-def judge_step(loaded, step) -> Optional[xenimage.EntryVerdict]:
+def judge_step(loaded, step, sit: Optional[Situation] = None
+               ) -> Optional[xenimage.EntryVerdict]:
     """How a present entry read from one of Xen's boot tables compares with its link value."""
     if loaded is None or not step.entry.present or not xenimage.has_bytes(loaded.syms):
         return None   # a .map has no link-time values to compare with
+    if sit is not None and sit.judge_root_as and step.table_pa == sit.root:
+        if step.index < l4merge.L4_HALF:
+            return None  # the firmware's half of a merged L4
+        return loaded.judge_entry(sit.judge_root_as, step.index, step.entry.raw)
     hit = loaded.table_at(step.entry_pa)
     if hit is None:
         return None
@@ -311,9 +340,9 @@ class Va2paCommand(XenCommand):
         with t.phys_mode():
             sit = situation(args)
             va = parse_address(expr, "address")
-            w = paging.walk(sit.ctx, t.cache, sit.root, va)
+            w = paging.walk(sit.ctx, sit.memory(), sit.root, va)
             loaded, xen_note = xen_cmds.loaded_or_note()
-            verdicts = [judge_step(loaded, step) for step in w.steps]
+            verdicts = [judge_step(loaded, step, sit) for step in w.steps]
         namer = loaded.name_pa if loaded is not None else None
         if args.json:
             d = render.walk_dict(w)
@@ -348,7 +377,7 @@ class Pa2vaCommand(XenCommand):
         with t.phys_mode():
             sit = situation(args)
             pa = parse_address(" ".join(args.address), "physical address", space="pa")
-            en = paging.enumerate_ranges(sit.ctx, t.cache, sit.root)
+            en = paging.enumerate_ranges(sit.ctx, sit.memory(), sit.root)
             loaded, xen_note = xen_cmds.loaded_or_note()
         hits = paging.pa_to_vas(en.ranges, pa)
         name = loaded.name_pa(pa) if loaded is not None else None

@@ -166,6 +166,34 @@ def test_predict_fails_on_slot_of_l3_xenmap_link_address(at_entry, syms):
     assert phymem_mode(stop) == "0"
 
 
+def test_walks_under_the_predicted_merges(at_entry, syms):
+    """xen-va2pa --root merge / merge-relocated: efi_multiboot2's linked VA walked under the
+    table the RFC would build, the guest untouched. Raw: the L4 entry is l3_xenmap's
+    link-time address (unrelocated) and the walk never reaches Xen's code; relocated: it
+    reaches B + offset, where the ELF's bytes are (QEMU's xp as the oracle)."""
+    stop = at_entry
+    base = stop.run["load_base"]
+    slot = xenmap_slot(syms)
+    linked = syms.linked_va(CALL_TARGET)
+    cr3_before = qemu_registers(stop)["cr3"]
+    raw = stop.json(f"xen-va2pa {CALL_TARGET} --root merge --json")
+    top = raw["levels"][0]
+    assert top["index"] == slot and top["pointer"]["kind"] == "unrelocated"
+    assert top["pointer"]["target_pa"] == syms.offset("l3_xenmap")
+    assert raw["pa"] != base + syms.offset(CALL_TARGET)
+    relocated = stop.json(f"xen-va2pa {CALL_TARGET} --root merge-relocated --json")
+    assert relocated["levels"][0]["pointer"]["kind"] == "relocated"
+    assert relocated["pa"] == base + syms.offset(CALL_TARGET)
+    assert relocated["pa_name"] == CALL_TARGET
+    assert xp(stop, relocated["pa"], 32) == syms.read_linked(linked, 32)
+    text = stop.cmd(f"xen-va2pa {CALL_TARGET} --root merge").out
+    assert f"L4[{slot:#05x}]" in text and "unrelocated" in text
+    # The merges cover the firmware's identity map (lower half) as well: RIP still maps.
+    assert stop.json("xen-va2pa $pc --root merge-relocated --json")["pa"] == \
+        stop.json("xen-va2pa $pc --json")["pa"]
+    assert qemu_registers(stop)["cr3"] == cr3_before and phymem_mode(stop) == "0"
+
+
 def test_predict_text_report_then_one_error_line(at_entry, syms):
     slot = xenmap_slot(syms)
     out, error = capture(at_entry, "xen-l4merge-check")
