@@ -31,15 +31,23 @@ def report_commands(xen_syms: Path):
     linked = syms.linked_va(CALL_TARGET)
     return [
         ("Where we are", "x/3i $pc"),
+        ("Xen: version, build-id (file and memory), load base and where in its boot",
+         "xen-info"),
         ("Control registers and paging mode", "xen-regs"),
-        ("Xen symbols and the load base found from RIP", "xen-syms"),
         ("The firmware's page tables (OVMF), coalesced", "xen-pt"),
         ("The walk of RIP: Xen runs at its load address, identity-mapped by the firmware",
          "xen-va2pa $pc"),
         (f"The walk of {CALL_TARGET}'s linked address {linked:#x} under the firmware's "
          "tables: nothing maps Xen's upper half yet, which is why the RFC merges an L4",
-         f"xen-va2pa {linked:#x}"),
-        ("Every VA that maps the load address of __efi64_mb2_start", "xen-pa2va $pc"),
+         f"xen-va2pa {CALL_TARGET}"),
+        (f"The same walk under the RFC's merged L4, predicted (nothing is written): slot "
+         f"{(linked >> 39) & 0x1ff} still holds l3_xenmap's link-time address",
+         f"xen-va2pa {CALL_TARGET} --root merge"),
+        ("The merge checked against the invariants: it fails, and says why",
+         "xen-l4merge-check --predict"),
+        ("The variant the review asked for: B added to Xen's pointers first",
+         f"xen-va2pa {CALL_TARGET} --root merge-relocated"),
+        ("... and its checks", "xen-l4merge-check --assume-relocated"),
     ]
 
 
@@ -81,7 +89,11 @@ def run(args) -> int:
             for title, command in report_commands(args.xen_syms):
                 reply = gdb.execute(command, check=False)
                 print(f"== {title}\n(gdb) {command}")
-                print(reply.out.rstrip() if not reply.error else f"error: {reply.error}")
+                # A failing check prints its report, then its one-line error.
+                if reply.out.strip():
+                    print(reply.out.rstrip())
+                if reply.error:
+                    print(reply.error)
                 print()
         print(f"demo: done in {time.monotonic() - t0:.1f} s; QEMU stopped")
         return 0

@@ -115,8 +115,17 @@ def is_aligned(value: int, alignment: int) -> bool:
 
 
 def size_name(size: int) -> str:
-    """'4K', '2M', '1G', ... for a page or range size."""
-    for unit, name in ((1 << 40, "T"), (SIZE_1G, "G"), (1 << 20, "M"), (1 << 10, "K")):
-        if size >= unit and size % unit == 0:
+    """'4K', '2M', '1G', '1023G+998M' ... for a page or range size: exact, and short.
+
+    The largest unit that divides the size wins, unless that leaves more than four
+    digits: then the size is split at the largest unit that fits
+    ("1047554M" reads better as "1023G+2M")."""
+    units = ((1 << 40, "T"), (SIZE_1G, "G"), (1 << 20, "M"), (1 << 10, "K"))
+    for unit, name in units:
+        if size >= unit and size % unit == 0 and size // unit < 10_000:
             return f"{size // unit}{name}"
-    return f"{size}B" if size < 1024 else f"{size / 1024:.1f}K"
+    for unit, name in units:
+        if size >= unit:
+            rest = size % unit
+            return f"{size // unit}{name}" + (f"+{size_name(rest)}" if rest else "")
+    return f"{size}B"

@@ -249,7 +249,7 @@ class PtCommand(XenCommand):
                 lo = parse_address(args.range[0], "range start")
                 hi = parse_address(args.range[1], "range end")
             loaded, xen_note = xen_cmds.loaded_or_note()
-            namer = loaded.name_pa if loaded is not None else None
+            namer = situation_namer(sit, loaded)
             if args.levels:
                 text = tree_text(sit, sit.memory(), lo, hi, namer)
                 _emit(text + (f"\n({xen_note})" if xen_note else ""), from_tty)
@@ -304,6 +304,21 @@ def judge_step(loaded, step, sit: Optional[Situation] = None
     return loaded.judge_entry(name, offset // 8, step.entry.raw)
 
 
+def situation_namer(sit: Situation, loaded):
+    """Names for PAs: Xen's objects, and a predicted merge's M called what it is
+    (the page it borrows, e.g. l3_bootmap, is not the L3 its name suggests)."""
+    if loaded is None:
+        return None
+    if not sit.judge_root_as:
+        return loaded.name_pa
+
+    def name(pa: int):
+        if pa == sit.root:
+            return f"merged L4 M, in {loaded.name_pa(pa) or hex(pa)}"
+        return loaded.name_pa(pa)
+    return name
+
+
 def verdict_text(v: xenimage.EntryVerdict) -> str:
     if v.kind == xenimage.RELOCATED:
         return "relocated"
@@ -343,7 +358,7 @@ class Va2paCommand(XenCommand):
             w = paging.walk(sit.ctx, sit.memory(), sit.root, va)
             loaded, xen_note = xen_cmds.loaded_or_note()
             verdicts = [judge_step(loaded, step, sit) for step in w.steps]
-        namer = loaded.name_pa if loaded is not None else None
+        namer = situation_namer(sit, loaded)
         if args.json:
             d = render.walk_dict(w)
             for level, step, v in zip(d["levels"], w.steps, verdicts):

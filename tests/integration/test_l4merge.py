@@ -187,7 +187,8 @@ def test_walks_under_the_predicted_merges(at_entry, syms):
     assert relocated["pa_name"] == CALL_TARGET
     assert xp(stop, relocated["pa"], 32) == syms.read_linked(linked, 32)
     text = stop.cmd(f"xen-va2pa {CALL_TARGET} --root merge").out
-    assert f"L4[{slot:#05x}]" in text and "unrelocated" in text
+    assert f"L4[{slot:#05x}]" in text and "unrelocated" in text and "[merged L4 M, in " in text
+    assert raw["levels"][0]["table_name"].startswith("merged L4 M")
     # The merges cover the firmware's identity map (lower half) as well: RIP still maps.
     assert stop.json("xen-va2pa $pc --root merge-relocated --json")["pa"] == \
         stop.json("xen-va2pa $pc --json")["pa"]
