@@ -22,6 +22,8 @@ from . import paging, render, x86
 from .xenimage import LoadedXen
 
 CALL_TARGET = "efi_multiboot2"
+# Between stops at a terminal (Enter goes on).
+PROMPT = "-- Enter: next stop; q: end the walkthrough here -- "
 WRAP = 88  # lesson paragraphs are wrapped to this width
 
 # What the walk at a stop translates, and through which table.

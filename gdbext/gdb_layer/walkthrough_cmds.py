@@ -31,9 +31,6 @@ from .backend import target
 from .command import CommandParser, XenCommand, add_json_option
 from .paging_cmds import judge_step, maxphyaddr, verdict_text
 
-# The checks that decide whether the call at the linked address can work; the
-# entry shows their verdicts for the raw and the relocated prediction.
-PROMPT = "-- Enter: next stop; q: end the walkthrough here -- "
 
 
 def _session_args(timeout: float) -> argparse.Namespace:
@@ -269,7 +266,7 @@ def _wait(no_wait: bool, from_tty: bool) -> bool:
     if no_wait or not from_tty or not sys.stdin.isatty():
         return True
     try:
-        answer = input(PROMPT)
+        answer = input(wt.PROMPT)
     except EOFError:
         return True
     return answer.strip().lower() not in ("q", "quit")

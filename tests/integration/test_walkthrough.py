@@ -150,3 +150,58 @@ def test_tutorial_output_still_matches(tmp_path):
         problem = tutorial.compare(run.lines(), got.split("\n"), doc.load_base, console_base)
         assert problem is None, f"docs/tutorial.md, '{run.command}': {problem}"
     assert sorted(p.name for p in tmp_path.glob("*.svg"))   # the tutorial's --svg-dir
+
+
+def test_waits_for_enter_and_q_ends_it_with_the_guest_stopped():
+    """At a terminal (a pty here): a prompt after each stop; Enter goes on, q ends the
+    walkthrough, its breakpoints are gone and GDB is at its prompt."""
+    import pty
+    import select
+    import time
+
+    def read_until(fd, buf, pattern, timeout, count=1):
+        deadline = time.monotonic() + timeout
+        while buf.count(pattern) < count and time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    buf += os.read(fd, 65536)
+                except OSError:
+                    break
+        return buf
+
+    with Lab(LabConfig(memory_mb=1024)) as lab:
+        pid, fd = pty.fork()
+        if pid == 0:   # the child: GDB on the pty, as a user would start it
+            os.execvp("gdb", ["gdb", "-nx", "-q", "-ex", "set height 0",
+                              "-ex", f"source {paths.GDBINIT}",
+                              "-ex", f"target remote {lab.gdb_target}",
+                              "-ex", f"xen-syms {paths.XEN_DEBIAN_SYMS}",
+                              "-ex", "xen-walkthrough"])
+        try:
+            prompt = wt.PROMPT.encode()
+            buf = read_until(fd, b"", prompt, tutorial.BOOT_TIMEOUT_S)
+            assert prompt in buf and buf.count(b"== Stop ") == 1
+            os.write(fd, b"\n")
+            buf = read_until(fd, buf, b"== Stop 2/", 120)
+            buf = read_until(fd, buf, prompt, 60, count=2)
+            assert buf.count(prompt) == 2 and b"== Stop 3/" not in buf
+            os.write(fd, b"q\n")
+            buf = read_until(fd, buf, b"ended here", 30)
+            os.write(fd, b"info breakpoints\n")
+            buf = read_until(fd, buf, b"No breakpoints", 30)
+            assert b"No breakpoints or watchpoints" in buf
+            os.write(fd, b"p/x $pc\n")
+            buf = read_until(fd, buf, b"$1 = ", 30)
+            buf = read_until(fd, buf, b"\n", 5, count=buf.count(b"\n") + 1)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(fd)
+    syms = load_xen_syms(paths.XEN_DEBIAN_SYMS)
+    text = buf.decode("utf-8", "replace")
+    base = int(re.search(r"Xen's load base B = (0x[0-9a-f]+)", text).group(1), 16)
+    pc = int(re.search(r"\$1 = (0x[0-9a-f]+)", text).group(1), 16)
+    # Still stopped at stop 2, the call of efi_multiboot2.
+    assert pc == bootstops.build_plan(syms).get(bootstops.CALL).address(base)
