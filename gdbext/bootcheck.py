@@ -93,7 +93,9 @@ def _positive(text: str) -> float:
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, description=__doc__.split("\n\n")[0],
+        prog=PROG, description="Boot a Xen build in the lab (or attach to a QEMU you "
+        "started), run the __efi64_mb2_start session of xen-mb2-break in batch, and write "
+        "a JSON report and JUnit XML for CI.",
         epilog="Exit status: 0 all checks passed, 1 a check failed, 2 the run could not be done.")
     target = p.add_argument_group("what to boot or attach to")
     target.add_argument("--xen", type=Path, metavar="IMAGE",
@@ -338,7 +340,8 @@ class BootCheck:
             command = mb2_break_command(args)
             self.report["command"] = command
             self.say(f"running: {command}")
-            outer = args.timeout * (len(CONTRACT_STOPS) + 1) + 30
+            # Each stop waits at most --timeout; the whole session gets one wait per stop.
+            outer = args.timeout * (len(self.report["planned_stops"]) + 2) + 30
             try:
                 reply = self.gdb.execute(keep_output(command), timeout=outer, check=False)
             except GdbCommandError as e:
