@@ -77,6 +77,7 @@ class Session:
         self.load_base: Optional[int] = None
         self.xen: Optional[LoadedXen] = None
         self.trampoline_phys: Optional[int] = None
+        self.looked_for_trampoline_phys = False
         self.breakpoints: Dict[int, _StopBreakpoint] = {}
         self.stop_by_address: Dict[int, BootStop] = {}
         self.snapshot: Optional[TablesSnapshot] = None
@@ -141,6 +142,7 @@ class Session:
             return
         if not any(s.kind == LOW for s in self.selected):
             return
+        self.looked_for_trampoline_phys = True
         try:
             with target().phys_mode():
                 raw = target().cache.read_phys(self.xen.pa(self.plan.trampoline_phys_va), 8)
@@ -272,7 +274,7 @@ class Session:
         notes = list(self.plan.notes)
         never = [s.name for s in self.selected
                  if s.address(self.load_base, self.trampoline_phys) is None]
-        if never:
+        if never and self.looked_for_trampoline_phys:
             notes.append(f"never planted (trampoline_phys unknown): {', '.join(never)}")
         return {"load_base": self.load_base,
                 "complete": reached == [s.name for s in self.selected],
