@@ -13,7 +13,7 @@ and memory and hands them in.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional
 
 from tabulate import tabulate
 

@@ -32,7 +32,6 @@ from .command import CommandParser, XenCommand, add_json_option
 from .paging_cmds import judge_step, maxphyaddr, verdict_text
 
 
-
 def _session_args(timeout: float) -> argparse.Namespace:
     """What session_cmds.Session reads from xen-mb2-break's parser: every stop, the
     live checks of each stop, no prediction (the entry's comparison is ours)."""
@@ -105,7 +104,7 @@ def _cpu_context(regs: Dict[str, int]) -> Optional[paging.PagingContext]:
 
 
 def stop_walk(xen: LoadedXen, plan, lesson: wt.Lesson, regs: Dict[str, int]):
-    """(walk, title, names) for the lesson's walk at this stop, or None with a reason."""
+    """(the lesson's walk at this stop, None), or (None, why there is no walk)."""
     syms = xen.syms
     linked = syms.linked_va(wt.CALL_TARGET)
     ctx = _cpu_context(regs)
