@@ -229,7 +229,7 @@ def image_build_id(path: Path) -> Optional[bytes]:
     from elftools.common.exceptions import ELFError
     from elftools.elf.elffile import ELFFile
 
-    from .core.xensyms import _build_id_from_notes
+    from .core.xenimage import parse_build_id_note
 
     try:
         data = Path(path).read_bytes()
@@ -242,16 +242,12 @@ def image_build_id(path: Path) -> Optional[bytes]:
                        "pass the xen.gz GRUB boots with --xen")
     try:
         elf = ELFFile(io.BytesIO(data))
-        for seg in elf.iter_segments():
-            if seg["p_type"] == "PT_NOTE":
-                found = _build_id_from_notes(seg.iter_notes())
-                if found is not None:
-                    return found
-        for sec in elf.iter_sections():
-            if sec["sh_type"] == "SHT_NOTE":
-                found = _build_id_from_notes(sec.iter_notes())
-                if found is not None:
-                    return found
+        notes = [seg.data() for seg in elf.iter_segments() if seg["p_type"] == "PT_NOTE"]
+        notes += [sec.data() for sec in elf.iter_sections() if sec["sh_type"] == "SHT_NOTE"]
+        for raw in notes:
+            found = parse_build_id_note(raw)
+            if found is not None:
+                return found
     except ELFError as e:
         raise RunError(f"{path}: corrupt ELF inside the Xen image ({e})") from None
     return None
