@@ -31,21 +31,17 @@ from typing import List, Optional, Sequence, Tuple
 
 from . import paths
 from .core import junit
+from .core import bootstops
 from .core.bootstops import START_XEN
 from .core.errors import GdbextError
+from .core.xensyms import load_xen_syms
 
 PROG = "xen-boot-check"
-ENTRY = "__efi64_mb2_start"
 DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_MEMORY_MB = 1024
 LOOPBACK = "127.0.0.1"
 # GDB's own connect wait: never longer than our timeout, and no retrying a refused port.
 GDB_CONNECT_SETTINGS = ("set tcp auto-retry off",)
-# The session's stops in boot order, as the contract names them; bootstops.py (the
-# session's owner) is the authority when present.
-CONTRACT_STOPS = ("__efi64_mb2_start", "merge", "call efi_multiboot2", "efi_multiboot2",
-                  "efi_multiboot2 return", "x86_32_switch", "trampoline_setup",
-                  "trampoline cr3 load", "__high_start", "__start_xen")
 GZIP_MAGIC = b"\x1f\x8b"
 ELF_MAGIC = b"\x7fELF"
 # Xen prints its load base early in __start_xen: an oracle for the report.
@@ -176,45 +172,15 @@ def mb2_break_command(args: argparse.Namespace) -> str:
     return " ".join(words)
 
 
-# xen-mb2-break prints its JSON line and then raises a GDB error when a check failed
-# (so that 'gdb -batch' scripts exit non-zero). GDB drops the output captured by
-# gdb.execute(..., to_string=True) when the command raises, so the command runs
-# inside a Python try block, which keeps its output and reports the error after
-# this marker.
-KEPT_ERROR_MARKER = "@@xen-boot-check error@@ "
-_KEEP_OUTPUT = ("import gdb\n"
-                "try:\n"
-                "    gdb.execute({cmd!r})\n"
-                "except gdb.error as err:\n"
-                "    gdb.write('\\n' + {marker!r} + ' '.join(str(err).split()) + '\\n')\n")
-
-
-def keep_output(command: str) -> str:
-    """A one-line GDB command that runs ``command`` keeping its output on error."""
-    code = _KEEP_OUTPUT.format(cmd=command, marker=KEPT_ERROR_MARKER)
-    return f"python exec({code!r})"
-
-
-def split_kept_output(text: str) -> Tuple[str, Optional[str]]:
-    """(the command's output, its error line or None) from keep_output's output."""
-    at = text.rfind(KEPT_ERROR_MARKER)
-    if at < 0:
-        return text, None
-    return text[:at], text[at + len(KEPT_ERROR_MARKER):].strip() or "error"
-
-
 def planned_stops(args: argparse.Namespace) -> List[str]:
     """The stops the session will be asked for, in boot order (for the JUnit file):
     this build's plan (bootstops, decoded from xen-syms) narrowed by --stops and
     --skip-stops; the contract's names if the plan cannot be made."""
     try:
-        from .core import bootstops
-        from .core.xensyms import load_xen_syms
-
         plan = bootstops.build_plan(load_xen_syms(args.xen_syms))
         return [s.name for s in plan.select(args.stops or None, args.skip_stops or None)]
-    except (GdbextError, ImportError, OSError):
-        names = list(CONTRACT_STOPS)
+    except (GdbextError, OSError):
+        names = list(bootstops.STOP_ORDER)
     if args.stops:
         names = [n for n in names if n in args.stops] + [n for n in args.stops if n not in names]
     return [n for n in names if n not in args.skip_stops]
@@ -258,8 +224,6 @@ def static_build_id_check(image: Path, xen_syms: Path) -> dict:
 
     Raises RunError (exit 2) on a mismatch, with both ids; returns what it saw.
     """
-    from .core.xensyms import load_xen_syms
-
     syms = load_xen_syms(xen_syms)
     syms_id = getattr(syms, "build_id", None)
     image_id = image_build_id(image)
@@ -339,11 +303,12 @@ class BootCheck:
             # Each stop waits at most --timeout; the whole session gets one wait per stop.
             outer = args.timeout * (len(self.report["planned_stops"]) + 2) + 30
             try:
-                reply = self.gdb.execute(keep_output(command), timeout=outer, check=False)
+                # A failed check makes the command fail after printing its JSON line;
+                # the driver's reply keeps that output (gdb_layer.harness).
+                reply = self.gdb.execute(command, timeout=outer, check=False)
             except GdbCommandError as e:
                 raise RunError(f"the session did not finish: {e.message}") from None
-            out, error = split_kept_output(reply.out)
-            error = error or reply.error
+            out, error = reply.out, reply.error
             result = None
             for line in reversed(out.splitlines()):
                 if line.strip().startswith("{"):

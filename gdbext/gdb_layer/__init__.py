@@ -14,15 +14,13 @@ def install() -> bool:
     global _INSTALLED
     if _INSTALLED:
         return False
+    from . import (diagram_cmds, merge_cmds, paging_cmds, session_cmds, walkthrough_cmds,
+                   xen_cmds)
     from .command import XenPrefix
-    from . import paging_cmds, xen_cmds
 
     XenPrefix()
-    paging_cmds.install()
-    xen_cmds.install()
-    from . import merge_cmds; merge_cmds.install()
-    from . import session_cmds; session_cmds.install()
-    from . import diagram_cmds; diagram_cmds.install()
-    from . import walkthrough_cmds; walkthrough_cmds.install()
+    for module in (paging_cmds, xen_cmds, merge_cmds, session_cmds, diagram_cmds,
+                   walkthrough_cmds):
+        module.install()
     _INSTALLED = True
     return True

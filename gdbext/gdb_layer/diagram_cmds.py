@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 
 import gdb
 
-from ..core import bootstops, diagram, render
+from ..core import bootstops, diagram, l4merge, render
 from ..core.errors import GdbextError
 from ..core.xenimage import LoadedXen
 from . import xen_cmds
@@ -64,16 +64,7 @@ def _where(xen: Optional[LoadedXen]) -> Tuple[Optional[str], str]:
 
 
 def _predicted(sit, cache, xen: LoadedXen, relocate: bool) -> diagram.TreeModel:
-    try:
-        from ..core import l4merge
-    except ImportError:
-        raise GdbextError("--predict and --compare need gdbext.core.l4merge, which this "
-                          "tree does not have yet") from None
-    try:
-        pred = l4merge.predict_merge(xen.syms, cache, xen.load_base, sit.root, relocate=relocate)
-    except NotImplementedError:
-        raise GdbextError("--predict and --compare need l4merge.predict_merge(), which this "
-                          "tree does not implement yet") from None
+    pred = l4merge.predict_merge(xen.syms, cache, xen.load_base, sit.root, relocate=relocate)
     title = ("predicted merge, pointers relocated (+B)" if relocate
              else "predicted merge (the RFC as posted)") + f", M in {pred.table_source}"
     return diagram.build_model(sit.ctx, pred.mem, pred.root, xen, title,

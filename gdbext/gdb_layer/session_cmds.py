@@ -26,7 +26,7 @@ from ..core.bootstops import (ENTRY, LOW, STOP_ORDER, BootStop, TablesSnapshot,
                               diff_snapshots, qwords, select_checks, where_in_boot)
 from ..core.errors import GdbextError, MemoryReadError
 from ..core.xenimage import LoadedXen
-from . import xen_cmds
+from . import merge_cmds, xen_cmds
 from .backend import target
 from .command import CommandParser, XenCommand, add_json_option, use_color
 
@@ -53,15 +53,6 @@ class _StopBreakpoint(gdb.Breakpoint):
         self.silent = True
 
 
-def _merge_api():
-    """merge_cmds (helper B2's module), or None while it is not installed."""
-    try:
-        from . import merge_cmds
-    except ImportError:
-        return None
-    return merge_cmds
-
-
 class Session:
     """One run of xen-mb2-break: the plan, the planted breakpoints, the records."""
 
@@ -79,6 +70,7 @@ class Session:
         self.trampoline_phys: Optional[int] = None
         self.looked_for_trampoline_phys = False
         self.breakpoints: Dict[int, _StopBreakpoint] = {}
+        self.pending: List[str] = []   # stops planted later (once trampoline_phys is known)
         self.stop_by_address: Dict[int, BootStop] = {}
         self.snapshot: Optional[TablesSnapshot] = None
         self.records: List[dict] = []
@@ -206,12 +198,8 @@ class Session:
                             self.args.skip or None)
         if not ids:
             return {"checks": [], "error": None}
-        api = _merge_api()
-        if api is None:
-            return {"checks": [], "error": None,
-                    "note": "checks unavailable: gdbext.gdb_layer.merge_cmds is not installed"}
         try:
-            result = api.check_here(stop=stop.name, predict=predict,
+            result = merge_cmds.check_here(stop=stop.name, predict=predict,
                                     assume_relocated=predict and bool(self.args.assume_relocated),
                                     only=ids, skip=None)
         except GdbextError as err:
@@ -228,12 +216,10 @@ class Session:
         snap = self._snapshot(regs.get("cr3", 0))
         firmware_error = None
         if stop.name == ENTRY:
-            api = _merge_api()
-            if api is not None:
-                try:
-                    api.remember_firmware()   # F, for the checks at the later stops
-                except GdbextError as err:
-                    firmware_error = str(err)
+            try:
+                merge_cmds.remember_firmware()   # F, for the checks at the later stops
+            except GdbextError as err:
+                firmware_error = str(err)
         if STOP_ORDER.index(stop.name) > STOP_ORDER.index(bootstops.EFI_MB2):
             self._learn_trampoline_phys()
         if not self.wanted(stop):
@@ -253,6 +239,50 @@ class Session:
                 record[key] = checks[key]
         self.records.append(record)
         return record
+
+    # -- driving the guest (xen-mb2-break --batch, xen-walkthrough) -------------------------
+
+    def start(self, timeout: float, announce: bool = True) -> Optional[dict]:
+        """Run to __efi64_mb2_start (unless stopped there), learn B, record the entry and
+        plant the other stops (``self.pending``: those planted later).  Returns the
+        entry's record (None if the entry is not a selected stop)."""
+        entry = self.plan.stops[0]
+        rip = _current_rip()
+        at_entry = (xen_cmds.STATE.load_base is not None
+                    and rip == entry.address(xen_cmds.STATE.load_base))
+        if not at_entry and rip is not None and _past_high_start(self.syms, rip):
+            # Xen never comes back to its entry in this boot (and xen-run-to's
+            # __high_start sentinel is behind it): boot again, as xen-run-to does.
+            if announce:
+                gdb.write("xen-mb2-break: Xen is past __high_start; resetting the machine "
+                          "(monitor system_reset) to stop at its entry on the next boot\n")
+            target().monitor("system_reset")
+            target().invalidate()
+        if not at_entry:
+            xen_cmds.run_to(ENTRY, timeout)
+        self.load_base = xen_cmds.STATE.load_base
+        self.xen = LoadedXen(self.syms, self.load_base)
+        target().invalidate()
+        record = self.at_stop(target().read_register("rip"))
+        if record is None and self.wanted(entry):
+            raise GdbextError("stopped at __efi64_mb2_start's address but the bytes there "
+                              "are not this xen-syms' (wrong xen-syms?)")
+        self.pending = self.plant()
+        return record
+
+    def next_stop(self, timeout: float) -> dict:
+        """Continue to the next selected stop (through helper stops) and return its
+        record; a stop anywhere else (the user's breakpoint, a fault) is an error."""
+        waiting_for = _next_name(self)
+        while True:
+            rip = xen_cmds.continue_until(time.monotonic() + timeout, waiting_for)
+            if self.stop_for(rip) is None:
+                where = where_in_boot(self.syms, self.load_base, rip, self.trampoline_phys)
+                raise GdbextError(f"stopped at {rip:#x} ({where or 'not Xen boot code'}) "
+                                  f"while waiting for {waiting_for}: not a planned stop")
+            record = self.at_stop(rip)
+            if record is not None:
+                return record
 
     def symbolic(self, stop: BootStop, rip: int) -> str:
         """``name+0x12`` of the instruction at RIP, saying where that copy runs."""
@@ -396,28 +426,8 @@ class Mb2BreakCommand(XenCommand):
         if _SESSION is not None:
             _SESSION.finish()   # a new session replaces the old one's breakpoints
         _SESSION = session
-        entry = session.plan.stops[0]
-        rip = _current_rip()
-        at_entry = (xen_cmds.STATE.load_base is not None
-                    and rip == entry.address(xen_cmds.STATE.load_base))
-        if not at_entry and rip is not None and _past_high_start(syms, rip):
-            # Xen never comes back to its entry in this boot (and xen-run-to's
-            # __high_start sentinel is behind it): boot again, as xen-run-to does.
-            if not args.json:
-                gdb.write("xen-mb2-break: Xen is past __high_start; resetting the machine "
-                          "(monitor system_reset) to stop at its entry on the next boot\n")
-            target().monitor("system_reset")
-            target().invalidate()
-        if not at_entry:
-            xen_cmds.run_to(ENTRY, args.timeout)
-        session.load_base = xen_cmds.STATE.load_base
-        session.xen = LoadedXen(syms, session.load_base)
-        target().invalidate()
-        record = session.at_stop(target().read_register("rip"))
-        if record is None and session.wanted(entry):
-            raise GdbextError("xen-mb2-break: stopped at __efi64_mb2_start's address but the "
-                              "bytes there are not this xen-syms' (wrong xen-syms?)")
-        pending = session.plant()
+        record = session.start(args.timeout, announce=not args.json)
+        pending = session.pending
         if args.batch:
             self._batch(session)
             return
@@ -447,16 +457,7 @@ class Mb2BreakCommand(XenCommand):
             stopped_on_fail = bool(session.records) and _failed(session.records[-1]) \
                 and not args.keep_going
             while not stopped_on_fail and _more_to_come(session):
-                waiting_for = _next_name(session)
-                rip = xen_cmds._continue(time.monotonic() + args.timeout, waiting_for)
-                if session.stop_for(rip) is None:
-                    where = where_in_boot(session.syms, session.load_base, rip,
-                                          session.trampoline_phys)
-                    raise GdbextError(f"stopped at {rip:#x} ({where or 'not Xen boot code'}) "
-                                      f"while waiting for {waiting_for}: not a planned stop")
-                record = session.at_stop(rip)
-                if record is None:
-                    continue
+                record = session.next_stop(args.timeout)
                 if not args.json:
                     _print_record(session, record, len(session.records))
                 if _failed(record) and not args.keep_going:

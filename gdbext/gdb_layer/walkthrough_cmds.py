@@ -15,18 +15,18 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import gdb
 
 from ..core import bootstops as bs
-from ..core import paging, render, x86
+from ..core import l4merge, paging, render, x86
 from ..core import walkthrough as wt
 from ..core.errors import GdbextError
 from ..core.xenimage import LoadedXen
-from . import xen_cmds
+from . import merge_cmds, session_cmds, xen_cmds
+from .diagram_cmds import write_diagram
 from .backend import target
 from .command import CommandParser, XenCommand, add_json_option
 from .paging_cmds import judge_step, maxphyaddr, verdict_text
@@ -38,54 +38,6 @@ def _session_args(timeout: float) -> argparse.Namespace:
     return argparse.Namespace(stops=[], skip_stops=[], only=[], skip=[], predict=False,
                               assume_relocated=False, keep_going=True, timeout=timeout,
                               json=False, color=False, batch=False)
-
-
-def _session_module():
-    try:
-        from . import session_cmds
-    except ImportError:
-        raise GdbextError("xen-walkthrough needs xen-mb2-break (gdbext.gdb_layer.session_cmds), "
-                          "which this tree does not have") from None
-    return session_cmds
-
-
-def _start(session, timeout: float) -> Optional[dict]:
-    """Run to the entry (unless there), record it, plant the other stops."""
-    if hasattr(session, "start"):
-        return session.start(timeout)
-    entry = session.plan.stops[0]
-    try:
-        rip = target().read_register("rip")
-    except GdbextError:
-        rip = None
-    base = xen_cmds.STATE.load_base
-    if base is None or rip != entry.address(base):
-        xen_cmds.run_to(bs.ENTRY, timeout)
-    session.load_base = xen_cmds.STATE.load_base
-    session.xen = LoadedXen(session.syms, session.load_base)
-    target().invalidate()
-    record = session.at_stop(target().read_register("rip"))
-    if record is None:
-        raise GdbextError("xen-walkthrough: stopped at __efi64_mb2_start's address but the "
-                          "bytes there are not this xen-syms' (wrong xen-syms?)")
-    session.plant()
-    return record
-
-
-def _next(session, timeout: float) -> dict:
-    """Continue to the next planned stop and return its record."""
-    if hasattr(session, "next_stop"):
-        return session.next_stop(timeout)
-    done = {r["stop"] for r in session.records}
-    waiting_for = next((s.name for s in session.selected if s.name not in done), "the next stop")
-    while True:
-        rip = xen_cmds._continue(time.monotonic() + timeout, waiting_for)
-        if session.stop_for(rip) is None:
-            raise GdbextError(f"stopped at {rip:#x} while waiting for {waiting_for}: not a "
-                              "stop of the walkthrough (your own breakpoint?)")
-        record = session.at_stop(rip)
-        if record is not None:
-            return record
 
 
 # -- the walks -----------------------------------------------------------------------------
@@ -174,29 +126,23 @@ def _slug(name: str) -> str:
 
 
 def entry_comparison(xen: LoadedXen, regs: Dict[str, int]) -> dict:
-    """The RFC's raw merge vs the relocated one, predicted from the firmware's CR3."""
-    from ..core import l4merge
-
+    """The RFC's raw merge vs the relocated one, predicted from the firmware's L4."""
     ctx = _cpu_context(regs)
-    firmware_root = ctx.root_from_cr3(regs["cr3"])
     linked = xen.syms.linked_va(wt.CALL_TARGET)
-    cache = target().cache
     walks = []
     for relocate, label in ((False, wt.RAW_LABEL), (True, wt.RELOCATED_LABEL)):
-        pred = l4merge.predict_merge(xen.syms, cache, xen.load_base, firmware_root,
-                                     relocate=relocate)
+        pred = merge_cmds.predicted_merge(relocate)
         walks.append(wt.merge_walk(xen, ctx, pred.mem, pred.root, linked,
                                    f"{label}, in {pred.table_source}"))
     verdicts = {}
     try:
-        from . import merge_cmds
         for relocate in (False, True):
             res = merge_cmds.check_here(stop=bs.ENTRY, predict=True, assume_relocated=relocate,
                                         only=list(l4merge.CALL_CHECKS), skip=None)
             verdicts["relocated" if relocate else "raw"] = [
                 {"id": c["id"], "status": c["status"], "summary": c["summary"]}
                 for c in res.get("checks") or []]
-    except (ImportError, AttributeError, GdbextError) as err:
+    except GdbextError as err:
         verdicts["error"] = str(err)
     return {"linked_va": linked, "raw": walks[0], "relocated": walks[1], "verdicts": verdicts}
 
@@ -239,10 +185,6 @@ def comparison_dict(xen: LoadedXen, comp: dict) -> dict:
 
 def _write_svg(svg_dir: Path, number: int, stop: str, xen: LoadedXen,
                regs: Dict[str, int]) -> Optional[str]:
-    try:
-        from .diagram_cmds import write_diagram
-    except ImportError:
-        return None
     path = svg_dir / f"{number:02d}-{_slug(stop)}.svg"
     paging_on = bool(regs["cr0"] & x86.CR0_PG)
     title = f"{stop}: {wt.lesson(stop).title}"
@@ -302,7 +244,6 @@ class WalkthroughCommand(XenCommand):
             except OSError as e:
                 raise GdbextError(f"xen-walkthrough: cannot create --svg-dir {args.svg_dir}: "
                                   f"{e.strerror or e}") from None
-        session_cmds = _session_module()
         session = session_cmds.Session(syms, _session_args(args.timeout))
         total = len(session.selected)
         out: Dict[str, object] = {"load_base": None, "patched": session.plan.patched,
@@ -316,7 +257,7 @@ class WalkthroughCommand(XenCommand):
             for note in session.plan.notes:
                 emit(f"  note: {note}")
         try:
-            record = _start(session, args.timeout)
+            record = session.start(args.timeout, announce=not args.json)
             # Xen-specific lessons only for the Xen these symbols describe (build-id).
             xen_cmds.require_loaded()
             out["load_base"] = session.load_base
@@ -330,7 +271,7 @@ class WalkthroughCommand(XenCommand):
                 if not _wait(args.no_wait or args.json, from_tty):
                     emit("xen-walkthrough: ended here; the guest stays stopped")
                     break
-                record = _next(session, args.timeout)
+                record = session.next_stop(args.timeout)
                 number += 1
         except GdbextError as err:
             out["error"] = str(err)

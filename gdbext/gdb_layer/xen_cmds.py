@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Tuple
 
 import gdb
 
-from ..core import paging, render, xenimage
+from ..core import bootstops, paging, render, xenimage
 from ..core.errors import GdbextError
 from ..core.xenimage import BuildIdCheck, LoadedXen
 from ..core.xensyms import XEN_PHYS_START_SYMBOL, load_xen_syms
@@ -308,7 +308,7 @@ def _ram_top_below_4g() -> int:
     return max(tops) if tops else LOW_4G
 
 
-def _continue(timeout_at: float, symbol: str) -> int:
+def continue_until(timeout_at: float, symbol: str) -> int:
     """Resume the guest until the next stop; return RIP. Raises on timeout."""
     remaining = timeout_at - time.monotonic()
     msg = (f"timed out waiting for Xen to reach {symbol} (is Xen booting? see the "
@@ -370,7 +370,7 @@ def run_to(symbol: str, timeout: float, load_base: Optional[int] = None,
             for addr in spots:
                 breakpoints.append(gdb.Breakpoint(f"*{addr:#x}", internal=True))
             while True:
-                rip = _continue(timeout_at, symbol)
+                rip = continue_until(timeout_at, symbol)
                 if rip not in spots:
                     # Stopped for another reason (the user's breakpoint, a signal): hand over.
                     raise GdbextError(f"stopped at {rip:#x} before reaching {symbol}")
@@ -668,10 +668,6 @@ def _trampoline_phys(syms, base: int) -> Optional[int]:
 
 def _where_in_boot(syms, base: Optional[int], rip: Optional[int]) -> Tuple[Optional[str],
                                                                           Optional[str]]:
-    try:
-        from ..core import bootstops
-    except ImportError:
-        return None, "gdbext.core.bootstops is not available"
     if base is None or rip is None:
         return None, "load base unknown"
     return bootstops.where_in_boot(syms, base, rip, _trampoline_phys(syms, base)), None

@@ -179,17 +179,3 @@ def test_verdict_lines():
     assert "  FAIL I4 at __efi64_mb2_start: unrelocated" in bootcheck.summary_lines(report)
 
 
-def test_keep_output_is_one_gdb_line_that_compiles():
-    cmd = 'xen-mb2-break --batch --json --stops "call efi_multiboot2"'
-    line = bootcheck.keep_output(cmd)
-    assert "\n" not in line and line.startswith("python exec(")
-    code = eval(line[len("python exec("):-1])   # the literal GDB's Python will exec
-    compile(code, "<gdb>", "exec")
-    assert repr(cmd) in code
-
-
-def test_split_kept_output():
-    out = '{"ok": false}\n\n' + bootcheck.KEPT_ERROR_MARKER + "xen-mb2-break: 3 check(s) failed\n"
-    text, error = bootcheck.split_kept_output(out)
-    assert text.strip() == '{"ok": false}' and error == "xen-mb2-break: 3 check(s) failed"
-    assert bootcheck.split_kept_output('{"ok": true}\n') == ('{"ok": true}\n', None)

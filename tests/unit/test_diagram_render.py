@@ -9,10 +9,13 @@ import subprocess
 
 import pytest
 
+from gdbext import paths
 from gdbext.core import diagram
 from gdbext.core.memory import SyntheticMemory
+from gdbext.core.xenimage import LoadedXen
+from gdbext.core.xensyms import load_xen_syms
 
-from .test_diagram import CTX, MERGE, firmware, merged, xen  # noqa: F401 (fixture)
+from .test_diagram import B, CTX, MERGE, firmware, merged
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -24,7 +27,8 @@ def png_size(data: bytes):
 
 
 @pytest.fixture(scope="module")
-def models(xen):  # noqa: F811
+def models():
+    xen = LoadedXen(load_xen_syms(paths.XEN_DEBIAN_SYMS), B)
     mem = SyntheticMemory(1 << 32)
     firmware(mem)
     plain = diagram.build_model(CTX, merged(xen, relocate=False), MERGE, xen, "plain merge")
