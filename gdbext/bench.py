@@ -13,9 +13,21 @@ import argparse
 import json
 import sys
 
-from . import paths
-from .gdbdriver import GdbSession
-from .lab import Lab, LabConfig
+from .gdbdriver import lab_session
+from .lab import LabConfig
+
+ENTRY_TIMEOUT_S = 240
+
+
+def figures_at_entry(memory_mb: int, module: str, function: str, repeats: int) -> dict:
+    """Boot the lab to __efi64_mb2_start and call ``module.function(repeats)`` inside
+    GDB; it returns its figures as a JSON string, which is returned parsed."""
+    with lab_session(LabConfig(memory_mb=memory_mb)) as (_lab, gdb):
+        gdb.execute(f"xen-run-to __efi64_mb2_start --timeout {ENTRY_TIMEOUT_S}",
+                    timeout=ENTRY_TIMEOUT_S + 60)
+        out = gdb.execute(f"python print(__import__({module!r}, fromlist=[{function!r}])"
+                          f".{function}({repeats}))", timeout=600).out
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
@@ -24,18 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    lab = Lab(LabConfig(memory_mb=args.memory))
-    try:
-        lab.start()
-        with GdbSession(log=lab.workdir / "gdb.log") as gdb:
-            gdb.execute(f"target remote {lab.gdb_target}")
-            gdb.execute(f"xen-syms {paths.XEN_DEBIAN_SYMS}")
-            gdb.execute("xen-run-to __efi64_mb2_start --timeout 240", timeout=300)
-            out = gdb.execute("python print(__import__('gdbext.gdb_layer.bench', "
-                              f"fromlist=['run']).run({args.repeats}))", timeout=600).out
-    finally:
-        lab.stop()
-    r = json.loads(out.strip().splitlines()[-1])
+    r = figures_at_entry(args.memory, "gdbext.gdb_layer.bench", "run", args.repeats)
     if args.json:
         print(json.dumps(r))
         return 0

@@ -17,9 +17,7 @@ import statistics
 import sys
 import time
 
-from . import paths
-from .gdbdriver import GdbSession
-from .lab import Lab, LabConfig
+from .bench import figures_at_entry
 
 
 def in_gdb(repeats: int) -> str:
@@ -53,18 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    lab = Lab(LabConfig(memory_mb=args.memory))
-    try:
-        lab.start()
-        with GdbSession(log=lab.workdir / "gdb.log") as gdb:
-            gdb.execute(f"target remote {lab.gdb_target}")
-            gdb.execute(f"xen-syms {paths.XEN_DEBIAN_SYMS}")
-            gdb.execute("xen-run-to __efi64_mb2_start --timeout 240", timeout=300)
-            out = gdb.execute("python print(__import__('gdbext.bench_locate', "
-                              f"fromlist=['in_gdb']).in_gdb({args.repeats}))", timeout=600).out
-    finally:
-        lab.stop()
-    r = json.loads(out.strip().splitlines()[-1])
+    r = figures_at_entry(args.memory, "gdbext.bench_locate", "in_gdb", args.repeats)
     r["memory_mb"] = args.memory
     if args.json:
         print(json.dumps(r))

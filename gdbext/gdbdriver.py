@@ -8,6 +8,7 @@ never imports ``gdb``; it runs outside GDB.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -18,10 +19,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional, Tuple
 
 from .core.errors import GdbextError
 from .paths import GDBINIT
+
+if TYPE_CHECKING:
+    from .lab import Lab
 
 # Starts the one line in which gdbext.gdb_layer.harness frames each command's reply.
 MARKER = "@@gdbext@@ "
@@ -147,3 +151,25 @@ class GdbSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def lab_session(config=None, xen_syms=None) -> Iterator[Tuple["Lab", GdbSession]]:
+    """A lab (QEMU + OVMF + GRUB + Xen, halted at its first instruction) with GDB
+    attached, gdbext loaded and xen-syms given (the config's, unless ``xen_syms``).
+    GDB and QEMU are stopped by pid on exit, pass or fail; closing GDB early (to
+    detach and let Xen run on) is allowed."""
+    from .lab import Lab, LabConfig
+
+    lab = Lab(config if config is not None else LabConfig())
+    gdb = None
+    try:
+        lab.start()
+        gdb = GdbSession(log=lab.workdir / "gdb.log")
+        gdb.execute(f"target remote {lab.gdb_target}")
+        gdb.execute(f"xen-syms {xen_syms or lab.config.xen_syms}")
+        yield lab, gdb
+    finally:
+        if gdb is not None:
+            gdb.close()
+        lab.stop()

@@ -448,6 +448,12 @@ def read_table(mode: PagingMode, mem: PhysMemory, table_pa: int, level: int
     return data, layout.unpack(data)
 
 
+# _Enumerator._uniform: the staircase 0, size, 2*size, ... of 512 qwords per page size,
+# and 1 in each of 512 qwords (so e0m * _QWORD_ONES puts e0m in every qword).
+_UNIFORM_STEPS: Dict[int, int] = {}
+_QWORD_ONES = _repeat_u64(1)
+
+
 class _Enumerator:
     def __init__(self, ctx: PagingContext, cache: PageCache, lo: int, hi: int,
                  follow_cycles: bool = True):
@@ -508,7 +514,13 @@ class _Enumerator:
         last = e0m + 511 * size
         if last > mask(64) or self.dec.decode(level, ents[511]).reserved:
             return None
-        expected = int.from_bytes(_U64_512.pack(*range(e0m, last + 1, size)), "little")
+        # The 512 qwords e0m, e0m + size, ... as one integer: a per-size staircase
+        # (computed once) plus e0m in every qword.
+        steps = _UNIFORM_STEPS.get(size)
+        if steps is None:
+            steps = _UNIFORM_STEPS[size] = int.from_bytes(
+                _U64_512.pack(*range(0, 512 * size, size)), "little")
+        expected = steps + e0m * _QWORD_ONES
         if int.from_bytes(page, "little") & self.clear_mask != expected:
             return None
         return [(0, 512 << shift, info.addr, size, info.attrs)]

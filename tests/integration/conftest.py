@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 from dataclasses import dataclass
 
 import pytest
 
 from gdbext import paths
-from gdbext.gdbdriver import GdbSession
+from gdbext.gdbdriver import GdbSession, lab_session
 from gdbext.lab import Lab, LabConfig
 
 BOOT_TIMEOUT_S = 240
@@ -51,28 +50,12 @@ class Stop:
         return self.gdb.execute(f"monitor {command}").out
 
 
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
 @contextlib.contextmanager
 def booted_to(symbol: str, xen_syms, memory_mb: int = 1024):
-    lab = Lab(LabConfig(memory_mb=memory_mb))
-    gdb = None
-    try:
-        lab.start()
-        gdb = GdbSession(log=lab.workdir / "gdb.log")
-        gdb.execute(f"target remote {lab.gdb_target}")
-        gdb.execute(f"xen-syms {xen_syms}")
+    with lab_session(LabConfig(memory_mb=memory_mb), xen_syms) as (lab, gdb):
         run = gdb.execute(f"xen-run-to {symbol} --json --timeout {BOOT_TIMEOUT_S}",
                           timeout=BOOT_TIMEOUT_S + 30).json()
         yield Stop(lab, gdb, symbol, run)
-    finally:
-        if gdb is not None:
-            gdb.close()
-            _kill(gdb.pid)
-        lab.stop()
 
 
 @pytest.fixture(scope="session")

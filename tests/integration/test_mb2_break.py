@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import signal
 from dataclasses import dataclass
 
 import pytest
@@ -21,7 +19,7 @@ from gdbext.core import bootstops
 from gdbext.core.bootstops import ENTRY, HIGH_START, LOW, START_XEN, TRAMPOLINE_CR3, build_plan
 from gdbext.core.l4merge import CALL_CHECKS
 from gdbext.core.xensyms import load_xen_syms
-from gdbext.gdbdriver import GdbSession
+from gdbext.gdbdriver import GdbSession, lab_session
 from gdbext.lab import XEN_LOAD_BASE_RE, Lab, LabConfig
 
 # Each wait of the session (and of the run to the entry) gives up after this long.
@@ -62,20 +60,8 @@ class Attached:
 @contextlib.contextmanager
 def attached(xen_syms):
     """A lab halted at its first instruction, GDB attached, xen-syms loaded: nothing run."""
-    lab = Lab(LabConfig(memory_mb=1024))
-    gdb = None
-    try:
-        lab.start()
-        gdb = GdbSession(log=lab.workdir / "gdb.log")
-        gdb.execute(f"target remote {lab.gdb_target}")
-        gdb.execute(f"xen-syms {xen_syms}")
+    with lab_session(LabConfig(memory_mb=1024), xen_syms) as (lab, gdb):
         yield Attached(lab, gdb)
-    finally:
-        if gdb is not None:
-            gdb.close()
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(gdb.pid, signal.SIGKILL)
-        lab.stop()
 
 
 @pytest.fixture

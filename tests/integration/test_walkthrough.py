@@ -21,7 +21,7 @@ from gdbext.core import bootstops
 from gdbext.core import walkthrough as wt
 from gdbext.core.qemu import parse_gva2gpa
 from gdbext.core.xensyms import load_xen_syms
-from gdbext.gdbdriver import GdbSession
+from gdbext.gdbdriver import lab_session
 from gdbext.lab import XEN_LOAD_BASE_RE, Lab, LabConfig
 
 from . import tutorial
@@ -40,13 +40,7 @@ def walked(tmp_path_factory):
     """A boot from reset through the whole walkthrough (JSON, with SVGs); QEMU's own
     translation of RIP at the last stop; then B from Xen's console."""
     svg_dir = tmp_path_factory.mktemp("svg")
-    lab = Lab(LabConfig(memory_mb=1024))
-    gdb = None
-    try:
-        lab.start()
-        gdb = GdbSession(log=lab.workdir / "gdb.log")
-        gdb.execute(f"target remote {lab.gdb_target}")
-        gdb.execute(f"xen-syms {paths.XEN_DEBIAN_SYMS}")
+    with lab_session(LabConfig(memory_mb=1024), paths.XEN_DEBIAN_SYMS) as (lab, gdb):
         out = gdb.execute(f"xen-walkthrough --no-wait --json --svg-dir {svg_dir}",
                           timeout=tutorial.COMMAND_TIMEOUT_S).json()
         rip = out["stops"][-1]["rip"]
@@ -54,12 +48,6 @@ def walked(tmp_path_factory):
         gdb.close()   # detach: Xen runs on and prints its load base
         console = lab.wait_for_serial(XEN_LOAD_BASE_RE, timeout=CONSOLE_TIMEOUT_S)
         yield out, svg_dir, qemu_pa, int(console.group(1), 16)
-    finally:
-        if gdb is not None:
-            gdb.close()
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(gdb.pid, signal.SIGKILL)
-        lab.stop()
 
 
 def by_stop(out):

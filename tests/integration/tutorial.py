@@ -131,22 +131,12 @@ def compare(doc_lines: Sequence[str], run_lines: Sequence[str], b_doc: int,
 def run_commands(commands: Sequence[str], svg_dir: Path) -> Tuple[Dict[str, str], int]:
     """Boot the lab, load xen-syms, run ``commands`` in order; then let Xen run on and
     read B from its console. Returns ({command: output}, B). QEMU and GDB are stopped."""
-    import contextlib
-    import os
-    import signal
-
     from gdbext import paths
-    from gdbext.gdbdriver import GdbSession
-    from gdbext.lab import XEN_LOAD_BASE_RE, Lab, LabConfig
+    from gdbext.gdbdriver import lab_session
+    from gdbext.lab import XEN_LOAD_BASE_RE, LabConfig
 
     outputs: Dict[str, str] = {}
-    lab = Lab(LabConfig(memory_mb=1024))
-    gdb = None
-    try:
-        lab.start()
-        gdb = GdbSession(log=lab.workdir / "gdb.log")
-        gdb.execute(f"target remote {lab.gdb_target}")
-        gdb.execute(f"xen-syms {paths.XEN_DEBIAN_SYMS}")
+    with lab_session(LabConfig(memory_mb=1024), paths.XEN_DEBIAN_SYMS) as (lab, gdb):
         for command in commands:
             reply = gdb.execute(command.replace(SVG_DIR, str(svg_dir)),
                                 timeout=COMMAND_TIMEOUT_S)
@@ -154,12 +144,6 @@ def run_commands(commands: Sequence[str], svg_dir: Path) -> Tuple[Dict[str, str]
         gdb.close()   # detaches: Xen runs on and prints its load base
         m = lab.wait_for_serial(XEN_LOAD_BASE_RE, timeout=CONSOLE_TIMEOUT_S)
         return outputs, int(m.group(1), 16)
-    finally:
-        if gdb is not None:
-            gdb.close()
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(gdb.pid, signal.SIGKILL)
-        lab.stop()
 
 
 def update(tutorial: Tutorial, outputs: Dict[str, str], load_base: int) -> str:
