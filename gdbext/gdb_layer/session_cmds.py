@@ -246,6 +246,7 @@ class Session:
         """Run to __efi64_mb2_start (unless stopped there), learn B, record the entry and
         plant the other stops (``self.pending``: those planted later).  Returns the
         entry's record (None if the entry is not a selected stop)."""
+        target().check_connected()   # one clear line instead of GDB's "not being run"
         entry = self.plan.stops[0]
         rip = _current_rip()
         at_entry = (xen_cmds.STATE.load_base is not None

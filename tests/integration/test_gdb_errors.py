@@ -25,6 +25,23 @@ def test_commands_without_a_target_say_so(tmp_path):
         assert reply.error and "xen-syms" in reply.error
 
 
+def test_every_command_without_a_target_is_one_line(xen_syms_path):
+    """With xen-syms loaded but nothing to attach to, each command that needs the guest
+    names what is missing, in one line, without a traceback."""
+    needs_guest = ("xen-pt", "xen-pt --root merge", "xen-pt --svg /tmp/x.svg", "xen-va2pa 0",
+                   "xen-va2pa efi_multiboot2@pa", "xen-pa2va 0", "xen-regs", "xen-locate",
+                   "xen-info", "xen-l4merge-check", "xen-l4merge-check --predict",
+                   "xen-l4merge-apply", "xen-mb2-break", "xen-mb2-break --batch",
+                   "xen-diagram", "xen-diagram --compare", "xen-walkthrough --no-wait")
+    with GdbSession() as gdb:
+        gdb.execute(f"xen-syms {xen_syms_path}")
+        for command in needs_guest:
+            reply = gdb.execute(command, check=False)
+            assert reply.error, command
+            assert "not connected" in reply.error, (command, reply.error)
+            assert "\n" not in reply.error and "Traceback" not in reply.out, command
+
+
 def test_loading_twice_is_harmless():
     with GdbSession() as gdb:
         gdb.execute(f"source {GDBINIT}")
