@@ -216,3 +216,29 @@ def test_relocated_prediction_passes_the_call_checks(fresh):
         status = {c["id"]: c["status"] for c in rec["checks"]}
         assert "I10" not in status
         assert all(status[c] == "PASS" for c in CALL_CHECKS), (rec["stop"], status)
+
+
+def test_paging_commands_where_paging_is_off(fresh, syms):
+    """At trampoline_setup x86_32_switch has turned paging off (QEMU's CR0 says so): the
+    paging commands say so in one line, and a table can still be read with --mode and
+    --root: idle_pg_table's slot for XEN_VIRT_START still holds l3_xenmap's link-time
+    address, because the relocation loop has not run yet."""
+    reply = fresh.run(f"xen-mb2-break --batch --json --timeout {WAIT_S} "
+                      f"--stops '{ENTRY},{bootstops.TRAMPOLINE_SETUP}'")
+    assert reply.error is None, reply.error
+    assert reply.json()["reached"] == [ENTRY, bootstops.TRAMPOLINE_SETUP]
+    cr0 = int(re.search(r"\bCR0=([0-9a-fA-F]+)", fresh.gdb.execute(
+        "monitor info registers").out).group(1), 16)
+    assert not cr0 & (1 << 31)                      # PG clear, by QEMU's own account
+    assert fresh.gdb.execute("xen-regs --json").json()["mode"] == "off"
+    pt = fresh.run("xen-pt")
+    assert pt.error and "paging is off" in pt.error and "\n" not in pt.error
+    walk = fresh.gdb.execute("xen-va2pa efi_multiboot2 --mode 4-level "
+                             "--root idle_pg_table@pa --json").json()
+    slot = (syms.virt_start >> 39) & 0x1FF
+    top = walk["levels"][0]
+    assert top["index"] == slot and top["table_name"] == "idle_pg_table"
+    assert top["pointer"]["kind"] == "unrelocated"
+    assert top["pointer"]["target_pa"] == syms.offset("l3_xenmap")
+    mode = fresh.gdb.execute("maintenance packet qqemu.PhyMemMode").out
+    assert 'received: "0"' in mode
