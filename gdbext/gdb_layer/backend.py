@@ -50,6 +50,9 @@ class GdbTarget:
         self._regs: Dict[str, int] = {}
         self._phys_depth = 0
         self._method: Optional[str] = None   # "phymem" or "xp", decided on first use
+        # 'set xen-phys-read': None (auto), "phymem" or "xp" (a stub without the packet,
+        # or checking one reading against the other).
+        self.forced_method: Optional[str] = None
         self._memory_map: Optional[MemoryMap] = None
         self._main_ram: list = []
         self._memory_map_known = False
@@ -123,7 +126,14 @@ class GdbTarget:
 
     # -- physical memory -------------------------------------------------------------
 
+    def force_method(self, method: Optional[str]) -> None:
+        """None: decide per connection; "phymem" or "xp": always that one."""
+        self.forced_method = method
+        self.invalidate()
+
     def _choose_method(self) -> str:
+        if self.forced_method is not None:
+            return self.forced_method
         if self._method is None:
             state = _packet("qqemu.PhyMemMode")
             if state in ("0", "1"):
@@ -216,6 +226,11 @@ class GdbTarget:
 
     def write_phys(self, pa: int, data: bytes) -> None:
         """Write guest physical memory. Only commands the user invoked to write call this."""
+        if self._choose_method() != "phymem":
+            # QEMU's monitor can read physical memory (xp) but not write it.
+            raise GdbextError("writing physical memory needs QEMU's Qqemu.PhyMemMode packet, "
+                              "and physical reads are set to 'monitor xp' (set xen-phys-read "
+                              "auto)")
         with self.phys_mode():
             try:
                 gdb.selected_inferior().write_memory(pa, data)

@@ -47,7 +47,30 @@ TCG CPUs have 40 unless -cpu ...,phys-bits=N) to catch entries above it."""
         return ""
 
 
+class PhysRead(gdb.Parameter):
+    """How gdbext reads guest physical memory.
+
+auto: QEMU's Qqemu.PhyMemMode packet when the stub has it, else 'monitor xp'.
+packet: always the packet (fast; also needed by xen-l4merge-apply to write).
+monitor-xp: always 'monitor xp' (slower; for stubs without the packet, or to check
+one reading against the other)."""
+
+    set_doc = "Set how gdbext reads guest physical memory."
+    show_doc = "Show how gdbext reads guest physical memory."
+    METHODS = {"auto": None, "packet": "phymem", "monitor-xp": "xp"}
+
+    def __init__(self) -> None:
+        super().__init__("xen-phys-read", gdb.COMMAND_DATA, gdb.PARAM_ENUM,
+                         list(self.METHODS))
+        self.value = "auto"
+
+    def get_set_string(self) -> str:
+        target().force_method(self.METHODS[self.value])
+        return ""
+
+
 _MAXPHYADDR: Optional[MaxPhyAddr] = None
+_PHYS_READ: Optional[PhysRead] = None
 
 
 def maxphyaddr() -> int:
@@ -415,9 +438,11 @@ class Pa2vaCommand(XenCommand):
 
 
 def install() -> None:
-    global _MAXPHYADDR
+    global _MAXPHYADDR, _PHYS_READ
     if _MAXPHYADDR is None:
         _MAXPHYADDR = MaxPhyAddr()
+    if _PHYS_READ is None:
+        _PHYS_READ = PhysRead()
     RegsCommand()
     PtCommand()
     Va2paCommand()

@@ -159,3 +159,25 @@ def test_bad_input_gives_one_line_and_restores_phys_mode(at_entry):
         assert 'received: "0"' in state, (command, state)
     # GDB still works, with virtual addresses.
     assert "cld" in at_entry.cmd("x/i $pc").out
+
+
+def test_monitor_xp_reads_the_same_tables_as_the_packet(at_entry):
+    """The fallback for stubs without Qqemu.PhyMemMode ('set xen-phys-read monitor-xp')
+    reads physical memory through QEMU's monitor: the same ranges and walks as the
+    packet, PhyMemMode never switched on, and writes refused (the monitor cannot write)."""
+    by_packet = at_entry.json("xen-pt --json")
+    walk_packet = at_entry.json("xen-va2pa $pc --json")
+    try:
+        at_entry.cmd("set xen-phys-read monitor-xp")
+        assert "monitor-xp" in at_entry.cmd("show xen-phys-read").out
+        by_xp = at_entry.json("xen-pt --json", timeout=300)
+        state = at_entry.cmd("maintenance packet qqemu.PhyMemMode").out
+        assert 'received: "0"' in state
+        assert by_xp["ranges"] == by_packet["ranges"] and by_xp["root"] == by_packet["root"]
+        assert at_entry.json("xen-va2pa $pc --json") == walk_packet
+        refused = at_entry.gdb.execute("xen-l4merge-apply", check=False)
+        assert refused.error and "Qqemu.PhyMemMode" in refused.error
+        assert "\n" not in refused.error
+    finally:
+        at_entry.cmd("set xen-phys-read auto")
+    assert at_entry.json("xen-pt --json")["ranges"] == by_packet["ranges"]
