@@ -22,6 +22,7 @@ Python API (for xen-mb2-break and batch runs): ``check_here()``,
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -610,20 +611,17 @@ def _call_pa(lx: LoadedXen) -> int:
 
 def _run_to(pa: int, what: str) -> int:
     """Continue until RIP == pa (one internal breakpoint); returns RIP."""
-    bp = gdb.Breakpoint(f"*{pa:#x}", internal=True)
+    bp = xen_cmds.quiet_breakpoint(pa)
     try:
-        with xen_cmds._Timeout(RUN_TO_CALL_TIMEOUT_S) as tm:
-            gdb.execute("continue", to_string=True)
+        return xen_cmds.continue_until(time.monotonic() + RUN_TO_CALL_TIMEOUT_S, what)
+    except GdbextError as err:
+        raise GdbextError(f"xen-l4merge-apply: {err}; it is stopped now, --undo restores "
+                          "what was written") from None
     finally:
         try:
             bp.delete()
         except RuntimeError:
             pass
-    if tm.fired:
-        raise GdbextError(f"xen-l4merge-apply: the guest did not reach {what} within "
-                          f"{RUN_TO_CALL_TIMEOUT_S:.0f} s (see the serial log); it is "
-                          "stopped now, --undo restores what was written")
-    return target().read_register("rip")
 
 
 def call_linked() -> dict:

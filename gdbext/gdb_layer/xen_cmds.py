@@ -308,6 +308,14 @@ def _ram_top_below_4g() -> int:
     return max(tops) if tops else LOW_4G
 
 
+def quiet_breakpoint(address: int) -> "gdb.Breakpoint":
+    """An internal breakpoint that stops without GDB printing 'Breakpoint -N, ...'
+    (the command that planted it reports the stop in its own words)."""
+    bp = gdb.Breakpoint(f"*{address:#x}", internal=True)
+    bp.silent = True
+    return bp
+
+
 def continue_until(timeout_at: float, symbol: str) -> int:
     """Resume the guest until the next stop; return RIP. Raises on timeout."""
     remaining = timeout_at - time.monotonic()
@@ -368,7 +376,7 @@ def run_to(symbol: str, timeout: float, load_base: Optional[int] = None,
         breakpoints: List[gdb.Breakpoint] = []
         try:
             for addr in spots:
-                breakpoints.append(gdb.Breakpoint(f"*{addr:#x}", internal=True))
+                breakpoints.append(quiet_breakpoint(addr))
             while True:
                 rip = continue_until(timeout_at, symbol)
                 if rip not in spots:

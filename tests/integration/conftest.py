@@ -14,9 +14,11 @@ import pytest
 
 from gdbext import paths
 from gdbext.gdbdriver import GdbSession, lab_session
-from gdbext.lab import Lab, LabConfig
+from gdbext.lab import XEN_LOAD_BASE_RE, Lab, LabConfig
 
 BOOT_TIMEOUT_S = 240
+# A function __start_xen calls just after printing "Xen image load base address".
+AFTER_LOAD_BASE_LINE = "early_cpu_init"
 
 
 def pytest_collection_modifyitems(items):
@@ -48,6 +50,17 @@ class Stop:
 
     def monitor(self, command: str) -> str:
         return self.gdb.execute(f"monitor {command}").out
+
+    def console_load_base(self) -> int:
+        return console_load_base(self.gdb, self.lab)
+
+
+def console_load_base(gdb: GdbSession, lab: Lab) -> int:
+    """Xen's own word for B: let Xen run until it has printed "Xen image load base
+    address" on its serial console (it is stopped just after), and read the line."""
+    gdb.execute(f"xen-run-to {AFTER_LOAD_BASE_LINE} --timeout {BOOT_TIMEOUT_S}",
+                timeout=BOOT_TIMEOUT_S + 30)
+    return int(lab.wait_for_serial(XEN_LOAD_BASE_RE, timeout=30).group(1), 16)
 
 
 @contextlib.contextmanager

@@ -14,19 +14,10 @@ from gdbext.lab import XEN_LOAD_BASE_RE
 from .conftest import booted_to
 
 
-def _xen_console_base(stop) -> int:
-    # Let Xen run on until it prints its load base, then compare.
-    stop.cmd("python import os, signal, threading; threading.Timer(10, lambda: "
-             "os.kill(os.getpid(), signal.SIGINT)).start()")
-    stop.gdb.execute("continue", timeout=60, check=False)
-    m = stop.lab.wait_for_serial(XEN_LOAD_BASE_RE, timeout=30)
-    return int(m.group(1), 16)
-
-
 def test_entry_base_matches_xen_console(at_entry_consumable):
     stop = at_entry_consumable
     assert stop.run["at"] == "load address" and stop.run["resets"] == 0
-    assert _xen_console_base(stop) == stop.run["load_base"]
+    assert stop.console_load_base() == stop.run["load_base"]
 
 
 def test_missed_guess_resets_and_stops_on_next_boot(xen_syms_path):
@@ -41,4 +32,4 @@ def test_missed_guess_resets_and_stops_on_next_boot(xen_syms_path):
         assert regs["rip"] == run["rip"]
         # The first boot was reset before Xen printed anything of its own.
         assert not re.search(XEN_LOAD_BASE_RE, stop.lab.serial_text())
-        assert _xen_console_base(stop) == run["load_base"]
+        assert stop.console_load_base() == run["load_base"]

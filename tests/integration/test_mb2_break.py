@@ -20,12 +20,12 @@ from gdbext.core.bootstops import ENTRY, HIGH_START, LOW, START_XEN, TRAMPOLINE_
 from gdbext.core.l4merge import CALL_CHECKS
 from gdbext.core.xensyms import load_xen_syms
 from gdbext.gdbdriver import GdbSession, lab_session
-from gdbext.lab import XEN_LOAD_BASE_RE, Lab, LabConfig
+from gdbext.lab import Lab, LabConfig
+
+from .conftest import console_load_base
 
 # Each wait of the session (and of the run to the entry) gives up after this long.
 WAIT_S = 120
-# A symbol Xen reaches just after printing its load base on the console.
-AFTER_LOAD_BASE_LINE = "early_cpu_init"
 
 
 @dataclass
@@ -46,11 +46,7 @@ class Attached:
         return regs
 
     def console_load_base(self) -> int:
-        """Let Xen print its load base (it does so early in __start_xen), read it."""
-        run = self.gdb.execute(f"xen-run-to {AFTER_LOAD_BASE_LINE} --json --timeout {WAIT_S}",
-                               timeout=WAIT_S + 30).json()
-        assert run["at"] == "linked"
-        return int(self.lab.wait_for_serial(XEN_LOAD_BASE_RE, timeout=30).group(1), 16)
+        return console_load_base(self.gdb, self.lab)
 
     def read_u64(self, pa: int) -> int:
         out = self.gdb.execute(f"monitor xp /1gx {pa:#x}").out

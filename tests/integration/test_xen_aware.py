@@ -21,12 +21,10 @@ from gdbext import paths
 from gdbext.core import x86, xenimage
 from gdbext.core.qemu import parse_gva2gpa
 from gdbext.core.xensyms import load_xen_syms
-from gdbext.lab import XEN_LOAD_BASE_RE
 
 from .conftest import booted_to
 
 MEMORY_SIZES_MB = (1024, 4096)
-CONSOLE_TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module", params=MEMORY_SIZES_MB, ids=lambda mb: f"{mb}M")
@@ -43,26 +41,6 @@ def syms(xen_syms_path):
 def _int(stop, expr: str) -> int:
     out = stop.cmd(f"p/x {expr}").out
     return int(out.split("=", 1)[1], 16)
-
-
-def _console_base(stop) -> int:
-    """Let Xen run until it prints its load base on the serial console, then stop it."""
-    serial = str(stop.lab.serial_log)
-    # Inside GDB: a thread interrupts 'continue' (as Ctrl-C) once the line is there.
-    waiter = ("import os, re, signal, threading, time\n"
-              "def _wait():\n"
-              f"    end = time.monotonic() + {CONSOLE_TIMEOUT_S}\n"
-              "    while time.monotonic() < end:\n"
-              f"        text = open({serial!r}, errors='replace').read()\n"
-              f"        if re.search({XEN_LOAD_BASE_RE!r}, text):\n"
-              "            break\n"
-              "        time.sleep(0.05)\n"
-              "    os.kill(os.getpid(), signal.SIGINT)\n"
-              "threading.Thread(target=_wait, daemon=True).start()\n")
-    stop.cmd(f"python exec({waiter!r})")
-    stop.gdb.execute("continue", timeout=CONSOLE_TIMEOUT_S + 30, check=False)
-    m = stop.lab.wait_for_serial(XEN_LOAD_BASE_RE, timeout=5)
-    return int(m.group(1), 16)
 
 
 # --- at __efi64_mb2_start --------------------------------------------------------------------
@@ -255,4 +233,4 @@ def test_start_xen_phys_start_and_console_agree(boot, syms):
     assert "[idle_pg_table]" in boot.cmd("xen-pt --levels --range _start _end").out
 
     # Xen's own word on B, printed early in __start_xen.
-    assert _console_base(boot) == base
+    assert boot.console_load_base() == base
