@@ -181,3 +181,31 @@ def test_monitor_xp_reads_the_same_tables_as_the_packet(at_entry):
     finally:
         at_entry.cmd("set xen-phys-read auto")
     assert at_entry.json("xen-pt --json")["ranges"] == by_packet["ranges"]
+
+
+def test_ctrl_c_in_the_middle_of_a_walk_restores_phys_mode(at_entry):
+    """Ctrl-C while xen-pt reads OVMF's 1,028 table pages (about 0.3 s cold): one line,
+    no traceback, PhyMemMode back to 0, and the next command works. The interrupt is
+    sent at a few delays until one lands mid-walk (the walk's length varies by machine)."""
+    import threading
+
+    full = at_entry.json("xen-pt --json")
+    drop_cache = ("python __import__('gdbext.gdb_layer.backend', "
+                  "fromlist=['target']).target().invalidate()")
+    interrupted = 0
+    for delay in (0.05, 0.1, 0.15, 0.2, 0.03, 0.08):
+        at_entry.cmd(drop_cache)
+        timer = threading.Timer(delay, at_entry.gdb.interrupt)
+        timer.start()
+        reply = at_entry.gdb.execute("xen-pt --json", check=False)
+        timer.join()
+        state = at_entry.cmd("maintenance packet qqemu.PhyMemMode").out
+        assert 'received: "0"' in state, (delay, state)
+        assert "Traceback" not in reply.out + (reply.error or "")
+        if reply.error:
+            assert reply.error == "xen-pt: interrupted", reply.error
+            interrupted += 1
+        else:
+            assert reply.json()["ranges"] == full["ranges"]
+    assert interrupted, "no interrupt landed during a walk"
+    assert at_entry.json("xen-pt --json")["ranges"] == full["ranges"]
