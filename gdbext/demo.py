@@ -15,12 +15,10 @@ from pathlib import Path
 
 from . import paths
 from .core.errors import GdbextError
+from .core.l4merge import CALL_TARGET  # the function the RFC calls at its linked VA
+from .core.stopnames import ENTRY
 from .gdbdriver import GDBINIT, GdbSession, gdb_binary
 from .lab import Lab, LabConfig
-
-ENTRY = "__efi64_mb2_start"
-# The function the RFC wants to call at its linked address.
-CALL_TARGET = "efi_multiboot2"
 
 
 def report_commands(xen_syms: Path):

@@ -49,24 +49,9 @@ from .l4merge import CHECK_IDS, CHECKS_AT_STOP, FAIL, STATUSES
 
 # -- stop names (the shared contract) ------------------------------------------
 
-ENTRY = "__efi64_mb2_start"
-MERGE = "merge"
-CALL = "call efi_multiboot2"
-EFI_MB2 = "efi_multiboot2"
-EFI_RETURN = "efi_multiboot2 return"
-SWITCH = "x86_32_switch"
-TRAMPOLINE_SETUP = "trampoline_setup"
-TABLES_RELOCATED = "tables relocated"
-L2_XENMAP_FILLED = "l2_xenmap filled"
-TRAMPOLINE_CR3 = "trampoline cr3 load"
-HIGH_START = "__high_start"
-START_XEN = "__start_xen"
-AFTER_START_XEN = "after __start_xen"  # a stretch, not a stop
-
-STOP_ORDER: Tuple[str, ...] = (
-    ENTRY, MERGE, CALL, EFI_MB2, EFI_RETURN, SWITCH, TRAMPOLINE_SETUP,
-    TABLES_RELOCATED, L2_XENMAP_FILLED, TRAMPOLINE_CR3, HIGH_START, START_XEN,
-)
+from .stopnames import (AFTER_START_XEN, CALL, EFI_MB2, EFI_RETURN,  # noqa: F401,E402
+                        ENTRY, HIGH_START, L2_XENMAP_FILLED, MERGE, START_XEN, STOP_ORDER,
+                        SWITCH, TABLES_RELOCATED, TRAMPOLINE_CR3, TRAMPOLINE_SETUP)
 
 # Address kinds.
 LOAD = "load"      # B + offset(instruction)

@@ -112,21 +112,16 @@ CHECK_IDS: Tuple[str, ...] = tuple(CHECKS)
 # can work (the relocated prediction must PASS all of them).
 CALL_CHECKS: Tuple[str, ...] = ("I0", "I1", "I2", "I3", "I4", "I5", "I6", "I7", "I8", "I12")
 
-# Boot stop names (the shared contract; gdbext/core/bootstops.py plants them and
-# imports CHECKS_AT_STOP from here, so they are spelled out rather than imported).
-STOP_ENTRY = "__efi64_mb2_start"
-STOP_MERGE = "merge"
-STOP_CALL = "call efi_multiboot2"
-STOP_EFI_MB2 = "efi_multiboot2"
-STOP_EFI_RETURN = "efi_multiboot2 return"
-STOP_SWITCH = "x86_32_switch"
-STOP_TRAMPOLINE_SETUP = "trampoline_setup"
-STOP_TABLES_RELOCATED = "tables relocated"
-STOP_L2_XENMAP_FILLED = "l2_xenmap filled"
-STOP_TRAMPOLINE_CR3 = "trampoline cr3 load"
-STOP_HIGH_START = "__high_start"
-STOP_START_XEN = "__start_xen"
-STOP_AFTER_START_XEN = "after __start_xen"   # where_in_boot's stretch, not a stop
+# Boot stop names: their one home is stopnames.py (bootstops plants the stops).
+from .stopnames import (AFTER_START_XEN as STOP_AFTER_START_XEN,  # noqa: E402
+                        CALL as STOP_CALL, EFI_MB2 as STOP_EFI_MB2,
+                        EFI_RETURN as STOP_EFI_RETURN, ENTRY as STOP_ENTRY,
+                        HIGH_START as STOP_HIGH_START,
+                        L2_XENMAP_FILLED as STOP_L2_XENMAP_FILLED, MERGE as STOP_MERGE,
+                        START_XEN as STOP_START_XEN, SWITCH as STOP_SWITCH,
+                        TABLES_RELOCATED as STOP_TABLES_RELOCATED,
+                        TRAMPOLINE_CR3 as STOP_TRAMPOLINE_CR3,
+                        TRAMPOLINE_SETUP as STOP_TRAMPOLINE_SETUP)
 
 # Which checks mean something at each boot stop of a live guest.  Predict mode
 # (at the entry, or at the call of an unpatched build) runs them all.

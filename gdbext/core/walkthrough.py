@@ -19,9 +19,10 @@ from tabulate import tabulate
 
 from . import bootstops as bs
 from . import paging, render, x86
+from . import l4merge
 from .xenimage import LoadedXen
 
-CALL_TARGET = "efi_multiboot2"
+CALL_TARGET = l4merge.CALL_TARGET  # the walk that matters at the entry
 # Between stops at a terminal (Enter goes on).
 PROMPT = "-- Enter: next stop; q: end the walkthrough here -- "
 WRAP = 88  # lesson paragraphs are wrapped to this width

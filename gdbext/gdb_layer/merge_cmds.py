@@ -41,7 +41,7 @@ from .paging_cmds import maxphyaddr
 
 ENTRY = bootstops.ENTRY                 # "__efi64_mb2_start"
 CALL = bootstops.CALL                   # "call efi_multiboot2"
-CALL_TARGET = bootstops.EFI_MB2         # "efi_multiboot2"
+CALL_TARGET = l4merge.CALL_TARGET       # "efi_multiboot2", the symbol
 MERGE_TABLE_SYMBOL = l4merge.PATCH_TABLE  # the RFC's merged table (patched builds only)
 SNAPSHOT_REGISTERS = ("cr0", "cr3", "cr4", "efer", "rip", "rsp", "rbx")
 CHECK_REGISTERS = ("cr0", "cr3", "cr4", "efer", "rip", "rsp", "rax", "rbx")

@@ -1,0 +1,29 @@
+"""The names of the boot stops around ``__efi64_mb2_start``, in boot order.
+
+One home for the names that the stop plan (bootstops), the checks (l4merge, which
+says which invariants apply at each stop), the commands and the reports share.
+Kept apart because bootstops imports l4merge's table of checks per stop.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+ENTRY = "__efi64_mb2_start"
+MERGE = "merge"                       # after the RFC's mov %rax,%cr3 (patched builds)
+CALL = "call efi_multiboot2"
+EFI_MB2 = "efi_multiboot2"
+EFI_RETURN = "efi_multiboot2 return"
+SWITCH = "x86_32_switch"
+TRAMPOLINE_SETUP = "trampoline_setup"
+TABLES_RELOCATED = "tables relocated"
+L2_XENMAP_FILLED = "l2_xenmap filled"
+TRAMPOLINE_CR3 = "trampoline cr3 load"
+HIGH_START = "__high_start"
+START_XEN = "__start_xen"
+AFTER_START_XEN = "after __start_xen"  # a stretch of where_in_boot, not a stop
+
+STOP_ORDER: Tuple[str, ...] = (
+    ENTRY, MERGE, CALL, EFI_MB2, EFI_RETURN, SWITCH, TRAMPOLINE_SETUP,
+    TABLES_RELOCATED, L2_XENMAP_FILLED, TRAMPOLINE_CR3, HIGH_START, START_XEN,
+)
