@@ -719,9 +719,12 @@ def pa_to_vas(ranges: Sequence[Range], pa: int) -> List[Tuple[int, Range]]:
 
 
 def tree_rows(ctx: PagingContext, mem: PhysMemory, root: int, lo: Optional[int] = None,
-              hi: Optional[int] = None, namer=None) -> List[str]:
+              hi: Optional[int] = None, namer=None, entry_note=None) -> List[str]:
     """The tree table by table: one line per pointer, runs of leaves folded into one
-    line, shared subtrees shown once, cycles named and not expanded."""
+    line, shared subtrees shown once, cycles named and not expanded.
+
+    ``namer(pa)`` names tables and targets; ``entry_note(entry_pa, raw)`` may add a
+    word on a pointer (e.g. how a Xen table's entry compares with its link value)."""
     mode = ctx.mode
     if mode is MODE_OFF:
         raise PagingOff("paging is off (CR0.PG=0): there are no page tables to walk")
@@ -796,7 +799,8 @@ def tree_rows(ctx: PagingContext, mem: PhysMemory, root: int, lo: Optional[int] 
                 lines.append(text + f" -> {info.addr:#x}  cycle: points back to a table on "
                                     "this path (not expanded)")
                 continue
-            lines.append(text + f" -> table {info.addr:#x}")
+            note = entry_note(table_pa + idx * esz, raw) if entry_note else None
+            lines.append(text + f" -> table {info.addr:#x}" + (f"  ({note})" if note else ""))
             visit(info.addr, level - 1, off, depth + 2, path + [table_pa])
         flush()
 

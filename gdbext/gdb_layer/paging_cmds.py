@@ -274,7 +274,7 @@ class PtCommand(XenCommand):
             loaded, xen_note = xen_cmds.loaded_or_note()
             namer = situation_namer(sit, loaded)
             if args.levels:
-                text = tree_text(sit, sit.memory(), lo, hi, namer)
+                text = tree_text(sit, sit.memory(), lo, hi, namer, loaded)
                 _emit(text + (f"\n({xen_note})" if xen_note else ""), from_tty)
                 return
             en = paging.enumerate_ranges(sit.ctx, sit.memory(), sit.root, lo, hi,
@@ -300,8 +300,14 @@ class PtCommand(XenCommand):
         _emit("\n".join(parts), from_tty)
 
 
-def tree_text(sit: Situation, cache, lo: Optional[int], hi: Optional[int], namer=None) -> str:
-    rows = paging.tree_rows(sit.ctx, cache, sit.root, lo, hi, namer=namer)
+def tree_text(sit: Situation, cache, lo: Optional[int], hi: Optional[int], namer=None,
+              loaded=None) -> str:
+    def note(entry_pa: int, raw: int) -> Optional[str]:
+        v = judge_raw(loaded, entry_pa, raw, sit)
+        return verdict_text(v) if v is not None else None
+
+    rows = paging.tree_rows(sit.ctx, cache, sit.root, lo, hi, namer=namer,
+                            entry_note=note if loaded is not None else None)
     return "\n".join(rows)
 
 
@@ -314,17 +320,27 @@ def _xen_keys(loaded, xen_note: Optional[str]) -> Dict[str, object]:
 def judge_step(loaded, step, sit: Optional[Situation] = None
                ) -> Optional[xenimage.EntryVerdict]:
     """How a present entry read from one of Xen's boot tables compares with its link value."""
-    if loaded is None or not step.entry.present or not xenimage.has_bytes(loaded.syms):
+    if not step.entry.present:
+        return None
+    return judge_raw(loaded, step.entry_pa, step.entry.raw, sit)
+
+
+def judge_raw(loaded, entry_pa: int, raw: int, sit: Optional[Situation] = None
+              ) -> Optional[xenimage.EntryVerdict]:
+    """judge_step for an entry known by its PA and value (xen-pt --levels)."""
+    if loaded is None or not xenimage.has_bytes(loaded.syms):
         return None   # a .map has no link-time values to compare with
-    if sit is not None and sit.judge_root_as and step.table_pa == sit.root:
-        if step.index < l4merge.L4_HALF:
+    if sit is not None and sit.judge_root_as and \
+            sit.root <= entry_pa < sit.root + x86.PAGE_SIZE:
+        index = (entry_pa - sit.root) // 8
+        if index < l4merge.L4_HALF:
             return None  # the firmware's half of a merged L4
-        return loaded.judge_entry(sit.judge_root_as, step.index, step.entry.raw)
-    hit = loaded.table_at(step.entry_pa)
+        return loaded.judge_entry(sit.judge_root_as, index, raw)
+    hit = loaded.table_at(entry_pa)
     if hit is None:
         return None
     name, _level, offset = hit
-    return loaded.judge_entry(name, offset // 8, step.entry.raw)
+    return loaded.judge_entry(name, offset // 8, raw)
 
 
 def situation_namer(sit: Situation, loaded):

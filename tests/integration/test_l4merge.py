@@ -192,6 +192,8 @@ def test_walks_under_the_predicted_merges(at_entry, syms):
     # The merges cover the firmware's identity map (lower half) as well: RIP still maps.
     assert stop.json("xen-va2pa $pc --root merge-relocated --json")["pa"] == \
         stop.json("xen-va2pa $pc --json")["pa"]
+    levels = stop.cmd("xen-pt --levels --root merge --range efi_multiboot2 efi_multiboot2+1").out
+    assert f"L4[{slot:#05x}]" in levels and "(unrelocated: points at" in levels
     assert qemu_registers(stop)["cr3"] == cr3_before and phymem_mode(stop) == "0"
 
 

@@ -230,7 +230,12 @@ def test_start_xen_phys_start_and_console_agree(boot, syms):
     assert "[idle_pg_table]" in text and "[l3_directmap]" in text and "relocated" in text
     ranges = boot.json("xen-pt --range _start _end --json")["ranges"]
     assert ranges[0]["pa"] == base + syms.image_offset and ranges[0]["maps"]
-    assert "[idle_pg_table]" in boot.cmd("xen-pt --levels --range _start _end").out
+    levels = boot.cmd("xen-pt --levels --range _start _end").out
+    assert "[idle_pg_table]" in levels
+    # Each pointer of Xen's tables is judged: at __start_xen they are relocated once.
+    slot_line = next(ln for ln in levels.splitlines()
+                     if ln.strip().startswith(f"L4[{(syms.virt_start >> 39) & 0x1FF:#05x}]"))
+    assert slot_line.endswith("(relocated)"), slot_line
 
     # Xen's own word on B, printed early in __start_xen.
     assert boot.console_load_base() == base
