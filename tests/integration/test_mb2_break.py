@@ -238,3 +238,16 @@ def test_paging_commands_where_paging_is_off(fresh, syms):
     assert top["pointer"]["target_pa"] == syms.offset("l3_xenmap")
     mode = fresh.gdb.execute("maintenance packet qqemu.PhyMemMode").out
     assert 'received: "0"' in mode
+
+
+def test_backtrace_names_xen_functions_at_the_load_address(fresh):
+    """Once B is known GDB has xen-syms at the load address too: at efi_multiboot2
+    (called from __efi64_mb2_start, both at B + offset) the backtrace names both, and
+    info symbol places RIP in Xen's .init.text."""
+    reply = fresh.run(f"xen-mb2-break --batch --timeout {WAIT_S} "
+                      f"--stops '{ENTRY},{bootstops.EFI_MB2}'")
+    assert reply.error is None, reply.error
+    frames = fresh.gdb.execute("bt 2").out.splitlines()
+    assert re.search(r"^#0 .* in efi_multiboot2 \(\)", frames[0]), frames
+    assert re.search(r"^#1 .* in __efi64_mb2_start \(\)", frames[1]), frames
+    assert fresh.gdb.execute("info symbol $pc").out.startswith("efi_multiboot2 in section")
