@@ -235,6 +235,16 @@ class WalkthroughCommand(XenCommand):
         return p
 
     def run(self, args, from_tty):
+        # The walkthrough pauses after each stop itself; GDB's pager pausing in the
+        # middle of a stop as well would be one prompt too many. Restored after.
+        paging = gdb.parameter("pagination")
+        gdb.execute("set pagination off", to_string=True)
+        try:
+            self._run(args, from_tty)
+        finally:
+            gdb.execute(f"set pagination {'on' if paging else 'off'}", to_string=True)
+
+    def _run(self, args, from_tty):
         if args.timeout <= 0:
             raise GdbextError(f"xen-walkthrough: --timeout {args.timeout:g}: give seconds > 0")
         syms = xen_cmds.require_syms()

@@ -161,7 +161,9 @@ def test_waits_for_enter_and_q_ends_it_with_the_guest_stopped():
     with Lab(LabConfig(memory_mb=1024)) as lab:
         pid, fd = pty.fork()
         if pid == 0:   # the child: GDB on the pty, as a user would start it
-            os.execvp("gdb", ["gdb", "-nx", "-q", "-ex", "set height 0",
+            # A small terminal with GDB's pager on (its default): only the
+            # walkthrough's own prompt may pause the output.
+            os.execvp("gdb", ["gdb", "-nx", "-q", "-ex", "set height 24",
                               "-ex", f"source {paths.GDBINIT}",
                               "-ex", f"target remote {lab.gdb_target}",
                               "-ex", f"xen-syms {paths.XEN_DEBIAN_SYMS}",
@@ -182,6 +184,9 @@ def test_waits_for_enter_and_q_ends_it_with_the_guest_stopped():
             os.write(fd, b"p/x $pc\n")
             buf = read_until(fd, buf, b"$1 = ", 30)
             buf = read_until(fd, buf, b"\n", 5, count=buf.count(b"\n") + 1)
+            os.write(fd, b"show pagination\n")
+            buf = read_until(fd, buf, b"State of pagination is", 30)
+            buf = read_until(fd, buf, b"\n", 5, count=buf.count(b"\n") + 1)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -189,6 +194,8 @@ def test_waits_for_enter_and_q_ends_it_with_the_guest_stopped():
             os.close(fd)
     syms = load_xen_syms(paths.XEN_DEBIAN_SYMS)
     text = buf.decode("utf-8", "replace")
+    assert "--Type <RET> for more" not in text          # GDB's pager never cut in
+    assert "State of pagination is on" in text          # and is back on afterwards
     base = int(re.search(r"Xen's load base B = (0x[0-9a-f]+)", text).group(1), 16)
     pc = int(re.search(r"\$1 = (0x[0-9a-f]+)", text).group(1), 16)
     # Still stopped at stop 2, the call of efi_multiboot2.
