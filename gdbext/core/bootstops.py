@@ -44,6 +44,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from . import x86
 from .errors import GdbextError
 from .l4merge import CHECK_IDS, CHECKS_AT_STOP, FAIL, STATUSES
 
@@ -52,6 +53,11 @@ from .l4merge import CHECK_IDS, CHECKS_AT_STOP, FAIL, STATUSES
 from .stopnames import (AFTER_START_XEN, CALL, EFI_MB2, EFI_RETURN,  # noqa: F401,E402
                         ENTRY, HIGH_START, L2_XENMAP_FILLED, MERGE, START_XEN, STOP_ORDER,
                         SWITCH, TABLES_RELOCATED, TRAMPOLINE_CR3, TRAMPOLINE_SETUP)
+
+# The u64 in which efi_multiboot2 (or the 32-bit path) records the trampoline's
+# low-memory copy.
+TRAMPOLINE_PHYS = "trampoline_phys"
+
 
 # Address kinds.
 LOAD = "load"      # B + offset(instruction)
@@ -387,7 +393,7 @@ class _PlanBuilder:
     def trampoline_cr3_load(self) -> Tuple[Optional[int], Optional[int]]:
         """The trampoline's CR3 load (low copy); (trampoline_phys VA, trampoline size)."""
         syms = self.syms
-        if not all(n in syms for n in ("trampoline_start", "trampoline_end", "trampoline_phys",
+        if not all(n in syms for n in ("trampoline_start", "trampoline_end", TRAMPOLINE_PHYS,
                                        "idle_pg_table")):
             self.notes.append("no trampoline symbols; __high_start is the first stop with "
                               "Xen's CR3")
@@ -402,7 +408,19 @@ class _PlanBuilder:
             after = load + len(MOV_RAX_CR3)
             self.add(TRAMPOLINE_CR3, LOW, after, "just after the trampoline loaded CR3 = B + "
                      "offset(idle_pg_table), paging still off", low_offset=after - t0)
-        return syms.linked_va("trampoline_phys"), size
+        return syms.linked_va(TRAMPOLINE_PHYS), size
+
+
+def read_trampoline_phys(mem, xen) -> Optional[int]:
+    """Where trampoline_setup copied the trampoline (the u64 ``trampoline_phys`` at its
+    PA), or None: no such symbol, unreadable, or not chosen yet (0, or not a page)."""
+    if TRAMPOLINE_PHYS not in xen.syms:
+        return None
+    try:
+        value = int.from_bytes(mem.read_phys(xen.pa(TRAMPOLINE_PHYS), 8), "little")
+    except GdbextError:
+        return None
+    return value if value and value % x86.PAGE_SIZE == 0 else None
 
 
 def build_plan(syms) -> StopPlan:

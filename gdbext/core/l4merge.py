@@ -1241,11 +1241,16 @@ def run_checks(state: MergeState, only: Optional[Iterable[str]] = None,
     return out
 
 
-def counts(results: Sequence[CheckResult]) -> Dict[str, int]:
+def tally(statuses: Iterable[str]) -> Dict[str, int]:
+    """PASS/FAIL/WARN/SKIP -> how many (the contract's "counts")."""
     out = {s: 0 for s in STATUSES}
-    for r in results:
-        out[r.status] += 1
+    for status in statuses:
+        out[status] += 1
     return out
+
+
+def counts(results: Sequence[CheckResult]) -> Dict[str, int]:
+    return tally(r.status for r in results)
 
 
 def ok(results: Sequence[CheckResult]) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 _MTREE_LINE = re.compile(
     r"^\s*([0-9a-fA-F]+)-([0-9a-fA-F]+) \(prio -?\d+, ([a-z-]+)\): (\S+)")
@@ -113,3 +113,25 @@ def parse_gva2gpa(text: str) -> Optional[int]:
         if m:
             return int(m.group(1), 16)
     return None
+
+
+# ``xp /Ngx PA``: "000000003f801000: 0x000000003f802023 0x..." (two qwords a line).
+_XP_LINE = re.compile(r"^([0-9a-fA-F]+):((?:\s+0x[0-9a-fA-F]+)+)\s*$")
+# ``info registers``: "RAX=0000000000000000 ... CR0=80010033 ..." (hex, no 0x).
+_REGISTER = re.compile(r"\b([A-Z][A-Z0-9]*)\s*=([0-9a-fA-F]{8,16})\b")
+
+
+def parse_xp_qwords(text: str) -> List[int]:
+    """``xp /Ngx PA``: the qwords in order; lines that are not data are skipped (the
+    caller checks it got as many as it asked for)."""
+    words: List[int] = []
+    for line in text.splitlines():
+        m = _XP_LINE.match(line.strip())
+        if m:
+            words.extend(int(w, 16) for w in m.group(2).split())
+    return words
+
+
+def parse_info_registers(text: str) -> Dict[str, int]:
+    """``info registers``: every NAME=hex value, by lower-case name (rip, cr3, efer, ...)."""
+    return {name.lower(): int(value, 16) for name, value in _REGISTER.findall(text)}

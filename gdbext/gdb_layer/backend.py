@@ -20,7 +20,7 @@ import gdb  # noqa: F401  (this module is only imported inside GDB)
 
 from ..core.errors import GdbextError, MemoryReadError
 from ..core.memory import PageCache
-from ..core.qemu import MemoryMap, main_ram, parse_mtree_flat
+from ..core.qemu import MemoryMap, main_ram, parse_mtree_flat, parse_xp_qwords
 
 NOT_CONNECTED = ("GDB is not connected to a running target: start QEMU with -s -S "
                  "(or scripts/xen-lab) and run 'target remote 127.0.0.1:PORT'")
@@ -28,8 +28,6 @@ NOT_CONNECTED = ("GDB is not connected to a running target: start QEMU with -s -
 RUNNING = "the guest is running: interrupt it first (Ctrl-C, or 'interrupt' in non-stop mode)"
 
 _REGISTER_ALIASES = {"efer": ("efer", "msr_efer")}
-
-_XP_LINE = re.compile(r"^([0-9a-fA-F]+):((?:\s+0x[0-9a-fA-F]+)+)\s*$")
 
 
 def _packet(text: str) -> Optional[str]:
@@ -124,6 +122,9 @@ class GdbTarget:
         raise GdbextError(f"register {name} is not offered by this target ({last_err}); "
                           "QEMU's x86-64 gdbstub has cr0, cr3, cr4 and efer")
 
+    def read_registers(self, names) -> Dict[str, int]:
+        return {name: self.read_register(name) for name in names}
+
     # -- physical memory -------------------------------------------------------------
 
     def force_method(self, method: Optional[str]) -> None:
@@ -143,7 +144,7 @@ class GdbTarget:
                     out = gdb.execute("monitor xp /1gx 0", to_string=True)
                 except gdb.error:
                     out = ""
-                if _XP_LINE.match(out.strip().splitlines()[0] if out.strip() else ""):
+                if parse_xp_qwords(out.strip().splitlines()[0] if out.strip() else ""):
                     self._method = "xp"
                 else:
                     raise GdbextError(
@@ -211,18 +212,14 @@ class GdbTarget:
             out = gdb.execute(f"monitor xp /{count}gx {start:#x}", to_string=True)
         except gdb.error as err:
             raise MemoryReadError(pa, size, f"not readable via monitor xp ({err})") from None
-        data = bytearray()
         for line in out.splitlines():
-            m = _XP_LINE.match(line.strip())
-            if not m:
-                if "Cannot access" in line or "error" in line.lower():
-                    raise MemoryReadError(pa, size, line.strip())
-                continue
-            for word in m.group(2).split():
-                data += int(word, 16).to_bytes(8, "little")
-        if len(data) < count * 8:
+            if "Cannot access" in line or "error" in line.lower():
+                raise MemoryReadError(pa, size, line.strip())
+        words = parse_xp_qwords(out)
+        if len(words) < count:
             raise MemoryReadError(pa, size, "short answer from monitor xp")
-        return bytes(data[pa - start:pa - start + size])
+        data = b"".join(w.to_bytes(8, "little") for w in words[:count])
+        return data[pa - start:pa - start + size]
 
     def write_phys(self, pa: int, data: bytes) -> None:
         """Write guest physical memory. Only commands the user invoked to write call this."""

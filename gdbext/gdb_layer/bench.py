@@ -11,13 +11,13 @@ import gdb
 from ..core import paging
 from ..core.memory import PageCache
 from .backend import target
-from .paging_cmds import read_control_registers
+from .paging_cmds import cpu_context, read_control_registers
 
 
 def run(repeats: int = 5, va2pa_calls: int = 200) -> str:
     t = target()
     regs = read_control_registers()
-    ctx = paging.PagingContext.from_registers(regs["cr0"], regs["cr4"], regs["efer"])
+    ctx = cpu_context(regs)
     root = ctx.root_from_cr3(regs["cr3"])
     t.memory_map()  # once per connection, not part of either measurement
     with t.phys_mode():

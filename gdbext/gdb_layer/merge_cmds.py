@@ -32,12 +32,11 @@ from tabulate import tabulate
 from ..core import bootstops, l4merge, paging, render, x86
 from ..core.errors import GdbextError
 from ..core.memory import SyntheticMemory
-from ..core.paging import PagingContext
 from ..core.xenimage import LoadedXen
 from . import xen_cmds
 from .backend import target
 from .command import CommandParser, XenCommand, add_json_option, eval_int, use_color
-from .paging_cmds import maxphyaddr
+from .paging_cmds import cpu_context, maxphyaddr
 
 ENTRY = bootstops.ENTRY                 # "__efi64_mb2_start"
 CALL = bootstops.CALL                   # "call efi_multiboot2"
@@ -167,16 +166,6 @@ def _plan(syms) -> bootstops.StopPlan:
     return hit[1]  # type: ignore[return-value]
 
 
-def _read_registers(names: Sequence[str]) -> Dict[str, int]:
-    t = target()
-    return {name: t.read_register(name) for name in names}
-
-
-def _paging_context(regs: Dict[str, int]) -> PagingContext:
-    return PagingContext.from_registers(regs["cr0"], regs["cr4"], regs["efer"],
-                                        maxphyaddr=maxphyaddr())
-
-
 def _set_register(name: str, value: int) -> None:
     """Write a register through GDB (QEMU's gdbstub accepts CR3 too).
 
@@ -249,8 +238,8 @@ def remember_firmware() -> dict:
     if journal is not None and SESSION.firmware is not None:
         return SESSION.firmware.as_dict()
     with t.phys_mode():
-        regs = _read_registers(SNAPSHOT_REGISTERS)
-        ctx = _paging_context(regs)
+        regs = target().read_registers(SNAPSHOT_REGISTERS)
+        ctx = cpu_context(regs)
         if not ctx.mode.long_mode:
             raise GdbextError(f"remember_firmware: the CPU is in {ctx.mode.name} paging, not "
                               f"long mode: the firmware's 64-bit tables are only in CR3 at "
@@ -288,8 +277,8 @@ def predicted_merge(relocate: bool = False) -> l4merge.Prediction:
     snap = firmware_snapshot()
     if snap is not None:
         return _predict_from(lx, snap.root, snap.l4, relocate)
-    regs = _read_registers(("cr0", "cr3", "cr4", "efer"))
-    ctx = _paging_context(regs)
+    regs = target().read_registers(("cr0", "cr3", "cr4", "efer"))
+    ctx = cpu_context(regs)
     root = ctx.root_from_cr3(regs["cr3"]) if ctx.mode.long_mode else None
     if root is None or lx.in_image(root):
         raise GdbextError(f"the merge is predicted from the firmware's L4, which is in CR3 at "
@@ -318,8 +307,8 @@ def _evaluate(stop: Optional[str] = None, predict: bool = False,
     _forget_if_new_boot(t.read_register("rip"))
     journal = SESSION.journal
     with t.phys_mode():
-        regs = _read_registers(CHECK_REGISTERS)
-        ctx = _paging_context(regs)
+        regs = target().read_registers(CHECK_REGISTERS)
+        ctx = cpu_context(regs)
         cur_root = ctx.root_from_cr3(regs["cr3"]) if ctx.mode.long_mode else None
         here = stop or _where(lx, regs["rip"])
         firmware_in_cr3 = cur_root is not None and not lx.in_image(cur_root)
@@ -659,8 +648,8 @@ def call_linked() -> dict:
     call_len = 5  # e8 rel32
     with t.phys_mode():
         code = t.read_phys(call_pa, call_len)
-        regs = _read_registers(("cr0", "cr3", "cr4", "efer", "rsp"))
-        ctx = _paging_context(regs)
+        regs = target().read_registers(("cr0", "cr3", "cr4", "efer", "rsp"))
+        ctx = cpu_context(regs)
         new_rsp = (regs["rsp"] - 8) & _U64
         w = paging.walk(ctx, t.cache, ctx.root_from_cr3(regs["cr3"]), new_rsp)
         # Where the first instruction fetch will go (the raw RFC table does not get there).

@@ -99,8 +99,13 @@ MERGE_ROOTS = {"merge": False, "merge-relocated": True}
 
 
 def read_control_registers() -> Dict[str, int]:
-    t = target()
-    return {name: t.read_register(name) for name in CONTROL_REGISTERS}
+    return target().read_registers(CONTROL_REGISTERS)
+
+
+def cpu_context(regs: Dict[str, int]) -> PagingContext:
+    """The paging the CPU does with these CR0/CR4/EFER, at 'set xen-maxphyaddr'."""
+    return PagingContext.from_registers(regs["cr0"], regs["cr4"], regs["efer"],
+                                        maxphyaddr=maxphyaddr())
 
 
 def add_root_options(p: CommandParser) -> None:
@@ -117,13 +122,10 @@ def add_root_options(p: CommandParser) -> None:
 
 def situation(args: argparse.Namespace) -> Situation:
     regs = read_control_registers()
+    ctx = cpu_context(regs)
     if args.mode:
-        base = PagingContext.from_registers(regs["cr0"], regs["cr4"], regs["efer"])
-        ctx = PagingContext(MODES[args.mode], nxe=base.nxe, pke=base.pke,
-                            pse=base.pse, wp=base.wp, maxphyaddr=maxphyaddr())
-    else:
-        ctx = PagingContext.from_registers(regs["cr0"], regs["cr4"], regs["efer"],
-                                           maxphyaddr=maxphyaddr())
+        ctx = PagingContext(MODES[args.mode], nxe=ctx.nxe, pke=ctx.pke, pse=ctx.pse,
+                            wp=ctx.wp, maxphyaddr=ctx.maxphyaddr)
     if ctx.mode is paging.MODE_OFF:
         raise GdbextError("paging is off (CR0.PG=0): addresses are physical; pass --mode "
                           "and --root to read a table anyway")
@@ -169,7 +171,7 @@ class RegsCommand(XenCommand):
         t = target()
         regs = read_control_registers()
         regs["rip"] = t.read_register("rip")
-        ctx = PagingContext.from_registers(regs["cr0"], regs["cr4"], regs["efer"])
+        ctx = cpu_context(regs)
         bits = {
             "cr0": [("PE", x86.CR0_PE), ("WP", x86.CR0_WP), ("PG", x86.CR0_PG)],
             "cr4": [("PSE", x86.CR4_PSE), ("PAE", x86.CR4_PAE), ("PGE", x86.CR4_PGE),

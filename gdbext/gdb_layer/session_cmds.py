@@ -135,13 +135,9 @@ class Session:
         if not any(s.kind == LOW for s in self.selected):
             return
         self.looked_for_trampoline_phys = True
-        try:
-            with target().phys_mode():
-                raw = target().cache.read_phys(self.xen.pa(self.plan.trampoline_phys_va), 8)
-        except MemoryReadError:
-            return
-        value = int.from_bytes(raw, "little")
-        if value and value % PAGE == 0:
+        with target().phys_mode():
+            value = bootstops.read_trampoline_phys(target().cache, self.xen)
+        if value is not None:
             self.trampoline_phys = value
             self.plant()
 
@@ -315,11 +311,7 @@ class Session:
 
 
 def _counts(checks: List[dict]) -> Dict[str, int]:
-    """PASS/FAIL/WARN/SKIP counts of check dicts (the contract's "counts")."""
-    out = {status: 0 for status in l4merge.STATUSES}
-    for c in checks:
-        out[c["status"]] += 1
-    return out
+    return l4merge.tally(c["status"] for c in checks)
 
 
 def _failed(record: dict) -> bool:

@@ -29,7 +29,7 @@ from . import merge_cmds, session_cmds, xen_cmds
 from .diagram_cmds import write_diagram
 from .backend import target
 from .command import CommandParser, XenCommand, add_json_option
-from .paging_cmds import judge_step, maxphyaddr, verdict_text
+from .paging_cmds import cpu_context, judge_step, maxphyaddr, verdict_text
 
 
 def _session_args(timeout: float) -> argparse.Namespace:
@@ -50,8 +50,7 @@ def _four_level(regs: Dict[str, int]) -> paging.PagingContext:
 
 
 def _cpu_context(regs: Dict[str, int]) -> Optional[paging.PagingContext]:
-    ctx = paging.PagingContext.from_registers(regs["cr0"], regs["cr4"], regs["efer"],
-                                              maxphyaddr=maxphyaddr())
+    ctx = cpu_context(regs)
     return None if ctx.mode is paging.MODE_OFF else ctx
 
 

@@ -475,11 +475,10 @@ def _register(name: str) -> Optional[int]:
 
 def translate(va: int) -> Optional[int]:
     """PA of VA under the CPU's current paging (VA itself with paging off); None if unmapped."""
-    from .paging_cmds import maxphyaddr, read_control_registers  # paging_cmds imports us
+    from .paging_cmds import cpu_context, read_control_registers  # paging_cmds imports us
     t = target()
     regs = read_control_registers()
-    ctx = paging.PagingContext.from_registers(regs["cr0"], regs["cr4"], regs["efer"],
-                                              maxphyaddr=maxphyaddr())
+    ctx = cpu_context(regs)
     if ctx.mode is paging.MODE_OFF:
         return va
     try:
@@ -662,16 +661,10 @@ class LocateCommand(XenCommand):
 
 # -- xen-info ---------------------------------------------------------------------------------
 
-TRAMPOLINE_PHYS_SYMBOL = "trampoline_phys"   # where trampoline_setup copied the trampoline
-
-
 def _trampoline_phys(syms, base: int) -> Optional[int]:
-    if TRAMPOLINE_PHYS_SYMBOL not in syms:
-        return None
     t = target()
     with t.phys_mode():
-        value = _u64_at(t.cache, syms.pa(TRAMPOLINE_PHYS_SYMBOL, base))
-    return value or None   # 0 until trampoline_setup has run
+        return bootstops.read_trampoline_phys(t.cache, LoadedXen(syms, base))
 
 
 def _where_in_boot(syms, base: Optional[int], rip: Optional[int]) -> Tuple[Optional[str],
@@ -689,10 +682,10 @@ def info() -> dict:
             set_load_base(*found)
     base = STATE.load_base
     check = build_id_check()
-    from .paging_cmds import read_control_registers
+    from .paging_cmds import cpu_context, read_control_registers
     regs = read_control_registers()
     rip = _register("rip")
-    ctx = paging.PagingContext.from_registers(regs["cr0"], regs["cr4"], regs["efer"])
+    ctx = cpu_context(regs)
     where, where_note = _where_in_boot(syms, base, rip)
     root = None if ctx.mode is paging.MODE_OFF else ctx.root_from_cr3(regs["cr3"])
     root_name = owner = None

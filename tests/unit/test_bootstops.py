@@ -494,3 +494,17 @@ def test_what_decoding_cannot_find_is_left_out_and_noted(syms):
 def test_a_build_without_the_mb2_efi_entry_is_one_error(syms):
     with pytest.raises(GdbextError, match="no x86_32_switch symbol: not a multiboot2\\+EFI"):
         build_plan(EditedSyms(syms, hidden={SWITCH}))
+
+
+def test_read_trampoline_phys(syms):
+    """The u64 at PA(trampoline_phys): None until chosen (0), or if not a page address."""
+    from gdbext.core.memory import SyntheticMemory
+    from gdbext.core.xenimage import LoadedXen
+
+    xen = LoadedXen(syms, B)
+    mem = SyntheticMemory(1 << 32)
+    assert bootstops.read_trampoline_phys(mem, xen) is None
+    mem.write_u64(xen.pa("trampoline_phys"), TRAMPOLINE_PHYS)
+    assert bootstops.read_trampoline_phys(mem, xen) == TRAMPOLINE_PHYS
+    mem.write_u64(xen.pa("trampoline_phys"), TRAMPOLINE_PHYS + 8)
+    assert bootstops.read_trampoline_phys(mem, xen) is None
