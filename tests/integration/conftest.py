@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
+from typing import Dict, List
 
 import pytest
 
 from gdbext import paths
+from gdbext.core.qemu import parse_info_registers, parse_xp_qwords
 from gdbext.gdbdriver import GdbSession, lab_session
 from gdbext.lab import XEN_LOAD_BASE_RE, Lab, LabConfig
 
@@ -53,6 +56,52 @@ class Stop:
 
     def console_load_base(self) -> int:
         return console_load_base(self.gdb, self.lab)
+
+    def qemu_registers(self) -> Dict[str, int]:
+        return qemu_registers(self.gdb)
+
+    def xp(self, pa: int, size: int) -> bytes:
+        return qemu_xp(self.gdb, pa, size)
+
+    def qwords(self, pa: int, count: int) -> List[int]:
+        return qemu_qwords(self.gdb, pa, count)
+
+    def phymem_mode(self) -> str:
+        return phymem_mode(self.gdb)
+
+
+# --- QEMU's own view, the oracle (through its monitor, not through gdbext's backend) ---
+
+def qemu_registers(gdb: GdbSession) -> Dict[str, int]:
+    """Every register 'monitor info registers' prints as NAME=hex, by lower-case name
+    (rip, rsp, ... in 64-bit mode; eip, esp, ... in 32-bit code)."""
+    text = gdb.execute("monitor info registers").out
+    regs = parse_info_registers(text)
+    for name in ("cr0", "cr3", "cr4", "efer"):
+        assert name in regs, (name, text)
+    assert ("rip" in regs and "rsp" in regs and "rax" in regs) or "eip" in regs, text
+    return regs
+
+
+def qemu_qwords(gdb: GdbSession, pa: int, count: int) -> List[int]:
+    """``count`` qwords of guest physical memory from PA (8-aligned) through 'monitor xp'."""
+    words = parse_xp_qwords(gdb.execute(f"monitor xp /{count}gx {pa:#x}").out)
+    assert len(words) == count, f"short xp answer at {pa:#x}"
+    return words
+
+
+def qemu_xp(gdb: GdbSession, pa: int, size: int) -> bytes:
+    """Guest physical memory through 'monitor xp'."""
+    start = pa & ~7
+    words = qemu_qwords(gdb, start, (pa + size - start + 7) // 8)
+    data = b"".join(w.to_bytes(8, "little") for w in words)
+    return data[pa - start:pa - start + size]
+
+
+def phymem_mode(gdb: GdbSession) -> str:
+    """The stub's physical-memory mode as it answers now ("0": virtual, as GDB expects)."""
+    out = gdb.execute("maintenance packet qqemu.PhyMemMode").out
+    return re.search(r'received: "(.*)"', out).group(1)
 
 
 def console_load_base(gdb: GdbSession, lab: Lab) -> int:

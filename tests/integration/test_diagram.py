@@ -20,23 +20,6 @@ SVG_NS = "{http://www.w3.org/2000/svg}"
 MASK = x86.phys_addr_mask(x86.MAXPHYADDR_ARCH)
 
 
-def qemu_reg(stop, name: str) -> int:
-    m = re.search(rf"\b{name}=([0-9a-fA-F]+)", stop.monitor("info registers"))
-    assert m, f"{name} missing from QEMU's info registers"
-    return int(m.group(1), 16)
-
-
-def qemu_qwords(stop, pa: int, count: int):
-    """``monitor xp /Ngx PA``: QEMU's own reading of guest physical memory."""
-    text = stop.monitor(f"xp /{count}gx {pa:#x}")
-    words = []
-    for line in text.splitlines():
-        if ":" in line:
-            words += [int(w, 16) for w in line.split(":", 1)[1].split()]
-    assert len(words) == count, text
-    return words
-
-
 def slots_of_info_mem(stop):
     """L4 slots that hold at least one mapping, by QEMU's info mem."""
     out = set()
@@ -47,8 +30,8 @@ def slots_of_info_mem(stop):
 
 
 def test_diagram_of_cr3_lists_the_present_slots(at_entry):
-    root = qemu_reg(at_entry, "CR3") & ~0xFFF
-    l4 = qemu_qwords(at_entry, root, 512)
+    root = at_entry.qemu_registers()["cr3"] & ~0xFFF
+    l4 = at_entry.qwords(root, 512)
     present = [i for i, e in enumerate(l4) if e & x86.PTE_P]
     (model,) = at_entry.json("xen-diagram --json")["models"]
     assert model["root"] == root
@@ -65,7 +48,7 @@ def test_diagram_of_cr3_lists_the_present_slots(at_entry):
         assert s["owner"] == "firmware" and s["verdict"] is None
         assert s["table"]["pa"] == l4[s["index"]] & MASK
         assert s["table"]["present"] == sum(
-            1 for e in qemu_qwords(at_entry, s["table"]["pa"], 512) if e & x86.PTE_P)
+            1 for e in at_entry.qwords(s["table"]["pa"], 512) if e & x86.PTE_P)
 
 
 def test_svg_and_dot_files(at_entry, tmp_path):
@@ -86,7 +69,7 @@ def test_svg_and_dot_files(at_entry, tmp_path):
 def test_compare_shows_l3_xenmap_unrelocated_then_relocated(at_entry, xen_syms_path, tmp_path):
     syms = load_xen_syms(xen_syms_path)
     # B from QEMU's RIP at the entry, not from our own commands.
-    load_base = qemu_reg(at_entry, "RIP") - syms.offset("__efi64_mb2_start")
+    load_base = at_entry.qemu_registers()["rip"] - syms.offset("__efi64_mb2_start")
     xen = LoadedXen(syms, load_base)
     slot = (syms.virt_start >> 39) & 511
     link = xen.link_entry("idle_pg_table", slot) & MASK
@@ -96,7 +79,7 @@ def test_compare_shows_l3_xenmap_unrelocated_then_relocated(at_entry, xen_syms_p
     result = at_entry.json(f"xen-diagram --compare --svg {svg} --json")
     assert result["files"] == [str(svg)]
     firmware, plain, relocated = result["models"]
-    assert firmware["root"] == qemu_reg(at_entry, "CR3") & ~0xFFF
+    assert firmware["root"] == at_entry.qemu_registers()["cr3"] & ~0xFFF
     fw_slots = [s["index"] for s in firmware["slots"]]
     for merge in (plain, relocated):
         # The merge keeps the firmware's lower half and adds Xen's upper half.
@@ -145,8 +128,8 @@ def test_xen_tables_at_construct_dom0(at_construct_dom0, xen_syms_path, tmp_path
     # B as Xen itself printed it on its console.
     load_base = int(re.search(XEN_LOAD_BASE_RE, stop.lab.serial_text()).group(1), 16)
     xen = LoadedXen(syms, load_base)
-    root = qemu_reg(stop, "CR3") & ~0xFFF
-    l4 = qemu_qwords(stop, root, 512)
+    root = stop.qemu_registers()["cr3"] & ~0xFFF
+    l4 = stop.qwords(root, 512)
     dot = tmp_path / "dom0.dot"
     result = stop.json(f"xen-diagram --dot {dot} --json")
     (model,) = result["models"]
@@ -164,7 +147,7 @@ def test_xen_tables_at_construct_dom0(at_construct_dom0, xen_syms_path, tmp_path
     # l3_xenmap: relocated once by trampoline_setup; each entry judged against its link value.
     xenmap = slots[(syms.virt_start >> 39) & 511]
     assert xenmap["verdict"] == RELOCATED and xenmap["target_name"] == "l3_xenmap"
-    entries = qemu_qwords(stop, xen.pa("l3_xenmap"), 512)
+    entries = stop.qwords(xen.pa("l3_xenmap"), 512)
     rows = xenmap["table"]["rows"]
     assert sum(r["last"] - r["first"] + 1 for r in rows) == sum(
         1 for e in entries if e & x86.PTE_P)
@@ -179,8 +162,8 @@ def test_xen_pt_svg_and_dot_draw_the_same_tree_as_xen_diagram(at_entry, tmp_path
     svg, dot = tmp_path / "pt.svg", tmp_path / "pt.dot"
     written = at_entry.json(f"xen-pt --svg {svg} --dot {dot} --json")["files"]
     assert written == [str(svg), str(dot)]
-    root = qemu_reg(at_entry, "CR3") & ~0xFFF
-    present = [i for i, e in enumerate(qemu_qwords(at_entry, root, 512)) if e & x86.PTE_P]
+    root = at_entry.qemu_registers()["cr3"] & ~0xFFF
+    present = [i for i, e in enumerate(at_entry.qwords(root, 512)) if e & x86.PTE_P]
     drawn = [int(g.get("data-index"))
              for g in ET.parse(svg).getroot().iter(f"{SVG_NS}g")
              if g.get("class") == "l4-slot"]

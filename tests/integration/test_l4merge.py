@@ -22,7 +22,6 @@ from .conftest import booted_to
 
 ENTRY = "__efi64_mb2_start"
 CALL_TARGET = "efi_multiboot2"
-XP_LINE = re.compile(r"^([0-9a-fA-F]+):((?:\s+0x[0-9a-fA-F]+)+)\s*$")
 PAGE = 4096
 
 
@@ -44,39 +43,10 @@ def json_line(text: str) -> dict:
     return json.loads(lines[0])
 
 
-def qemu_registers(stop) -> dict:
-    """Every register QEMU's 'info registers' prints as NAME=hex (GPRs, RIP, CRs, EFER)."""
-    text = stop.monitor("info registers")
-    regs = {name.lower(): int(value, 16)
-            for name, value in re.findall(r"\b([A-Z][A-Z0-9]*)\s*=([0-9a-fA-F]{8,16})\b", text)}
-    for name in ("rip", "rsp", "rax", "cr3", "cr0", "cr4", "efer"):
-        assert name in regs, (name, text)
-    return regs
-
-
-def xp(stop, pa: int, size: int) -> bytes:
-    """Guest physical memory through QEMU's monitor (not through our backend)."""
-    start = pa & ~7
-    count = (pa + size - start + 7) // 8
-    data = bytearray()
-    for line in stop.monitor(f"xp /{count}gx {start:#x}").splitlines():
-        m = XP_LINE.match(line.strip())
-        if m:
-            for word in m.group(2).split():
-                data += int(word, 16).to_bytes(8, "little")
-    assert len(data) == count * 8, f"short xp answer at {pa:#x}"
-    return bytes(data[pa - start:pa - start + size])
-
-
 def gdb_bytes(stop, expr: str, size: int) -> bytes:
     """Bytes through GDB's own virtual-memory read (the CPU's current CR3)."""
     out = stop.cmd(f"x/{size}xb {expr}").out
     return bytes(int(b, 16) for line in out.splitlines() for b in line.split(":")[1].split())
-
-
-def phymem_mode(stop) -> str:
-    out = stop.cmd("maintenance packet qqemu.PhyMemMode").out
-    return re.search(r'received: "(.*)"', out).group(1)
 
 
 def slot_of(syms, va: int) -> int:
@@ -112,7 +82,7 @@ def table_pages(syms, load_base: int):
 
 
 def read_pages(stop, pages):
-    return {pa: xp(stop, pa, PAGE) for pa in pages}
+    return {pa: stop.xp(pa, PAGE) for pa in pages}
 
 
 def assert_within(pages, pa: int, length: int):
@@ -133,7 +103,7 @@ def test_predict_fails_on_slot_of_l3_xenmap_link_address(at_entry, syms):
     stop = at_entry
     base = stop.run["load_base"]
     slot = xenmap_slot(syms)
-    regs_before = qemu_registers(stop)
+    regs_before = stop.qemu_registers()
     out, error = capture(stop, "xen-l4merge-check --json")
     result = json_line(out)
     assert result["mode"] == "predict" and result["stop"] == ENTRY
@@ -144,7 +114,7 @@ def test_predict_fails_on_slot_of_l3_xenmap_link_address(at_entry, syms):
                                                if c["status"] == "FAIL")
     # The reason named: M[slot of XEN_VIRT_START] holds l3_xenmap's link-time address.
     link_pa = syms.offset("l3_xenmap")
-    guest_entry = struct.unpack("<Q", xp(stop, base + syms.offset("idle_pg_table") + 8 * slot,
+    guest_entry = struct.unpack("<Q", stop.xp(base + syms.offset("idle_pg_table") + 8 * slot,
                                          8))[0]
     for cid in ("I3", "I4"):
         assert checks[cid]["status"] == "FAIL"
@@ -161,9 +131,9 @@ def test_predict_fails_on_slot_of_l3_xenmap_link_address(at_entry, syms):
     assert i6["evidence"]["fault"]["where"] == f"M[{slot}]"
     assert i6["evidence"]["walk"][0]["index"] == slot_of(syms, syms.linked_va(CALL_TARGET))
     # Predicting wrote nothing: CR3 and RIP as before, the table page untouched.
-    assert qemu_registers(stop)["cr3"] == regs_before["cr3"]
-    assert qemu_registers(stop)["rip"] == regs_before["rip"]
-    assert phymem_mode(stop) == "0"
+    assert stop.qemu_registers()["cr3"] == regs_before["cr3"]
+    assert stop.qemu_registers()["rip"] == regs_before["rip"]
+    assert stop.phymem_mode() == "0"
 
 
 def test_walks_under_the_predicted_merges(at_entry, syms):
@@ -175,7 +145,7 @@ def test_walks_under_the_predicted_merges(at_entry, syms):
     base = stop.run["load_base"]
     slot = xenmap_slot(syms)
     linked = syms.linked_va(CALL_TARGET)
-    cr3_before = qemu_registers(stop)["cr3"]
+    cr3_before = stop.qemu_registers()["cr3"]
     raw = stop.json(f"xen-va2pa {CALL_TARGET} --root merge --json")
     top = raw["levels"][0]
     assert top["index"] == slot and top["pointer"]["kind"] == "unrelocated"
@@ -185,7 +155,7 @@ def test_walks_under_the_predicted_merges(at_entry, syms):
     assert relocated["levels"][0]["pointer"]["kind"] == "relocated"
     assert relocated["pa"] == base + syms.offset(CALL_TARGET)
     assert relocated["pa_name"] == CALL_TARGET
-    assert xp(stop, relocated["pa"], 32) == syms.read_linked(linked, 32)
+    assert stop.xp(relocated["pa"], 32) == syms.read_linked(linked, 32)
     text = stop.cmd(f"xen-va2pa {CALL_TARGET} --root merge").out
     assert f"L4[{slot:#05x}]" in text and "unrelocated" in text and "[merged L4 M, in " in text
     assert raw["levels"][0]["table_name"].startswith("merged L4 M")
@@ -194,7 +164,7 @@ def test_walks_under_the_predicted_merges(at_entry, syms):
         stop.json("xen-va2pa $pc --json")["pa"]
     levels = stop.cmd("xen-pt --levels --root merge --range efi_multiboot2 efi_multiboot2+1").out
     assert f"L4[{slot:#05x}]" in levels and "(unrelocated: points at" in levels
-    assert qemu_registers(stop)["cr3"] == cr3_before and phymem_mode(stop) == "0"
+    assert stop.qemu_registers()["cr3"] == cr3_before and stop.phymem_mode() == "0"
 
 
 def test_predict_text_report_then_one_error_line(at_entry, syms):
@@ -229,7 +199,7 @@ def test_python_api_never_raises_for_fails(at_entry, syms):
     got = json_line(out)
     assert [c["id"] for c in got["check"]["checks"]] == ["I3", "I6"]
     assert got["check"]["ok"] is False and got["check"]["counts"]["FAIL"] == 2
-    regs = qemu_registers(stop)
+    regs = stop.qemu_registers()
     fw = got["firmware"]
     assert fw["cr3"] == regs["cr3"] and fw["root"] == regs["cr3"] & ~0xFFF
     assert fw["rip"] == regs["rip"] and fw["rsp"] == regs["rsp"] and fw["rbx"] == regs["rbx"]
@@ -251,7 +221,7 @@ def test_bad_input_is_one_line(at_entry):
         reply = stop.gdb.execute(command, check=False)
         assert reply.error and words in reply.error, (command, reply.error)
         assert "\n" not in reply.error and "Traceback" not in reply.out + reply.error
-        assert phymem_mode(stop) == "0", command
+        assert stop.phymem_mode() == "0", command
 
 
 def test_elsewhere_runs_what_applies_and_refuses_to_apply(at_start_xen):
@@ -264,13 +234,13 @@ def test_elsewhere_runs_what_applies_and_refuses_to_apply(at_start_xen):
     skipped = [c for c in checks.values() if c["status"] == "SKIP"]
     assert skipped and all("does not apply at __start_xen" in c["summary"] for c in skipped)
     assert result["ok"] is True
-    before = qemu_registers(stop)
+    before = stop.qemu_registers()
     reply = stop.gdb.execute("xen-l4merge-apply", check=False)
     assert reply.error and "not at __efi64_mb2_start" in reply.error and "\n" not in reply.error
     reply = stop.gdb.execute("xen-l4merge-check --predict", check=False)
     assert reply.error and "--firmware-root" in reply.error
-    assert qemu_registers(stop)["cr3"] == before["cr3"]
-    assert phymem_mode(stop) == "0"
+    assert stop.qemu_registers()["cr3"] == before["cr3"]
+    assert stop.phymem_mode() == "0"
 
 
 # --- the what-if on the real machine (each test boots its own guest) ----------------------
@@ -280,18 +250,18 @@ def test_relocated_merge_reaches_efi_multiboot2_at_its_linked_va(at_entry_consum
     base = stop.run["load_base"]
     linked = syms.linked_va(CALL_TARGET)
     elf = syms.read_linked(linked, 32)
-    entry_regs = qemu_registers(stop)
+    entry_regs = stop.qemu_registers()
     before = read_pages(stop, table_pages(syms, base))
 
     applied = stop.json("xen-l4merge-apply --relocate --json")["steps"][0]
     assert applied["relocated"] is True
-    assert qemu_registers(stop)["cr3"] == applied["root"]
+    assert stop.qemu_registers()["cr3"] == applied["root"]
     # Let the guest run to the call itself, under M (its lower half is the firmware's),
     # and take QEMU's view there: what the call at the linked VA must leave as it was.
     call_pa = call_instruction_pa(syms, base)
     stop.cmd(f"tbreak *{call_pa:#x}")
     stop.cmd("continue", timeout=60)
-    at_call = qemu_registers(stop)
+    at_call = stop.qemu_registers()
     assert at_call["rip"] == call_pa and at_call["cr3"] == applied["root"]
     stack_pages = sorted({(at_call["rsp"] - 8) & ~0xFFF, at_call["rsp"] & ~0xFFF})
     stack_before = read_pages(stop, stack_pages)
@@ -300,19 +270,19 @@ def test_relocated_merge_reaches_efi_multiboot2_at_its_linked_va(at_entry_consum
     assert called["ran_to_call"] is False and called["call"] == call_pa
     assert called["target"] == linked and called["reachable"] is True
     assert called["fetch_pa"] == base + syms.offset(CALL_TARGET)
-    regs = qemu_registers(stop)
+    regs = stop.qemu_registers()
     assert regs["rip"] == linked and regs["rax"] == linked
     assert regs["rsp"] == at_call["rsp"] - 8
     # The return address the call pushed: the next instruction, at the load address.
-    assert struct.unpack("<Q", xp(stop, regs["rsp"], 8))[0] == call_pa + 5
+    assert struct.unpack("<Q", stop.xp(regs["rsp"], 8))[0] == call_pa + 5
     # The bytes at the linked VA: through GDB (under the new CR3) and through QEMU.
     assert gdb_bytes(stop, "$pc", 32) == elf
     gpa = parse_gva2gpa(stop.monitor(f"gva2gpa {linked:#x}"))
     assert gpa == base + syms.offset(CALL_TARGET)
-    assert xp(stop, gpa, 32) == elf
+    assert stop.xp(gpa, 32) == elf
     # The CPU really executes there: one instruction on, still inside efi_multiboot2.
     stop.cmd("stepi")
-    rip = qemu_registers(stop)["rip"]
+    rip = stop.qemu_registers()["rip"]
     assert rip != linked and syms.symbol_at(rip)[0] == CALL_TARGET
 
     # --undo: every range written and every register changed, as they were.
@@ -326,12 +296,12 @@ def test_relocated_merge_reaches_efi_multiboot2_at_its_linked_va(at_entry_consum
         source = before if page in before else stack_before
         assert page in source, f"{ch['pa']:#x} outside the pages read before"
         off = ch["pa"] - page
-        assert xp(stop, ch["pa"], ch["length"]) == source[page][off:off + ch["length"]], ch
-    regs = qemu_registers(stop)
+        assert stop.xp(ch["pa"], ch["length"]) == source[page][off:off + ch["length"]], ch
+    regs = stop.qemu_registers()
     assert regs["cr3"] == entry_regs["cr3"]
     for name in ("rip", "rsp", "rax"):
         assert regs[name] == at_call[name], name
-    assert phymem_mode(stop) == "0"
+    assert stop.phymem_mode() == "0"
 
 
 def test_raw_apply_is_reported_before_stepping_and_undo_is_exact(at_entry_consumable, syms):
@@ -339,18 +309,18 @@ def test_raw_apply_is_reported_before_stepping_and_undo_is_exact(at_entry_consum
     base = stop.run["load_base"]
     slot = xenmap_slot(syms)
     linked = syms.linked_va(CALL_TARGET)
-    regs_before = qemu_registers(stop)
+    regs_before = stop.qemu_registers()
     pages = table_pages(syms, base)
     before = read_pages(stop, pages)
 
     applied = stop.json("xen-l4merge-apply --json")["steps"][0]
     assert applied["relocated"] is False
     root = applied["root"]
-    regs = qemu_registers(stop)
+    regs = stop.qemu_registers()
     assert regs["cr3"] == root and regs["rip"] == regs_before["rip"]
     # M really is in memory: the lower half from the firmware, slot 261 raw.
-    m = xp(stop, root, PAGE)
-    fw = xp(stop, regs_before["cr3"] & ~0xFFF, PAGE)
+    m = stop.xp(root, PAGE)
+    fw = stop.xp(regs_before["cr3"] & ~0xFFF, PAGE)
     assert m[:PAGE // 2] == fw[:PAGE // 2]
     assert struct.unpack_from("<Q", m, 8 * slot)[0] & ~0xFFF == syms.offset("l3_xenmap")
     # QEMU's own walk of the linked VA under M does not reach efi_multiboot2.
@@ -366,7 +336,7 @@ def test_raw_apply_is_reported_before_stepping_and_undo_is_exact(at_entry_consum
     assert fault["where"] == f"M[{slot}]" and fault["kind"] == "unrelocated"
     assert fault["target_pa"] == syms.offset("l3_xenmap")
     assert checks["I1"]["status"] == "PASS"          # the lower half is the firmware's
-    assert qemu_registers(stop)["rip"] == regs_before["rip"]   # nothing was stepped
+    assert stop.qemu_registers()["rip"] == regs_before["rip"]   # nothing was stepped
     # The same table named with --table (how a table of one's own is checked).
     out, error = capture(stop, f"xen-l4merge-check --table {root:#x} --only I3,I6 --json")
     given = json_line(out)
@@ -383,17 +353,17 @@ def test_raw_apply_is_reported_before_stepping_and_undo_is_exact(at_entry_consum
     assert after == before
     assert all(ch["kind"] == "register" or ch["pa"] & ~0xFFF in before
                for ch in applied["changes"])
-    assert qemu_registers(stop) == regs_before
+    assert stop.qemu_registers() == regs_before
     reply = stop.gdb.execute("xen-l4merge-apply --undo", check=False)
     assert reply.error and "nothing to undo" in reply.error
-    assert phymem_mode(stop) == "0"
+    assert stop.phymem_mode() == "0"
 
     # From the pristine entry again, one command: apply, run to the call, call high.
     steps = stop.json("xen-l4merge-apply --relocate --call-linked --json")["steps"]
     assert [s["action"] for s in steps] == ["apply", "call-linked"]
     assert steps[1]["ran_to_call"] is True
     assert steps[1]["call"] == call_instruction_pa(syms, base)
-    assert qemu_registers(stop)["rip"] == linked
+    assert stop.qemu_registers()["rip"] == linked
     assert gdb_bytes(stop, "$pc", 16) == syms.read_linked(linked, 16)
 
 
@@ -401,7 +371,7 @@ def test_a_new_boot_forgets_the_snapshot_and_the_journal(at_entry_consumable, sy
     stop = at_entry_consumable
     base = stop.run["load_base"]
     applied = stop.json("xen-l4merge-apply --json")["steps"][0]
-    assert qemu_registers(stop)["cr3"] == applied["root"]
+    assert stop.qemu_registers()["cr3"] == applied["root"]
     # Reboot and stop at the entry again: what was written belongs to the old boot.
     stop.monitor("system_reset")
     run = stop.json(f"xen-run-to {ENTRY} --base {base:#x} --json", timeout=300)
@@ -415,19 +385,19 @@ def test_a_new_boot_forgets_the_snapshot_and_the_journal(at_entry_consumable, sy
     # Applying works again, from the new boot's firmware tables: the RFC's raw table,
     # and the call at the linked VA on it is flagged, and really goes wrong.
     linked = syms.linked_va(CALL_TARGET)
-    firmware_cr3 = qemu_registers(stop)["cr3"]
+    firmware_cr3 = stop.qemu_registers()["cr3"]
     again, called = stop.json("xen-l4merge-apply --call-linked --json")["steps"]
-    assert again["relocated"] is False and qemu_registers(stop)["cr3"] == again["root"]
+    assert again["relocated"] is False and stop.qemu_registers()["cr3"] == again["root"]
     assert called["reachable"] is False and called["target_pa"] == base + syms.offset(CALL_TARGET)
-    assert qemu_registers(stop)["rip"] == linked
+    assert stop.qemu_registers()["rip"] == linked
     assert parse_gva2gpa(stop.monitor(f"gva2gpa {linked:#x}")) != called["target_pa"]
     stop.cmd("stepi")
-    after = qemu_registers(stop)
+    after = stop.qemu_registers()
     assert after["cr2"] == linked                    # a page fault fetching efi_multiboot2
     hit = syms.symbol_at(after["rip"])
     assert hit is None or hit[0] != CALL_TARGET      # in the firmware's handler instead
     stop.json("xen-l4merge-apply --undo --json")
-    assert qemu_registers(stop)["cr3"] == firmware_cr3
+    assert stop.qemu_registers()["cr3"] == firmware_cr3
 
 
 def test_gdb_batch_exits_nonzero_when_a_check_fails(xen_syms_path, tmp_path):
@@ -461,7 +431,7 @@ def test_gdb_batch_exits_nonzero_when_a_check_fails(xen_syms_path, tmp_path):
 def test_paging_off_in_trampoline_setup_is_not_an_error(xen_syms_path):
     # 32-bit code with paging off: no table to judge, every check says why it does not apply.
     with booted_to("trampoline_setup", xen_syms_path) as stop:
-        cr0 = int(re.search(r"\bCR0=([0-9a-fA-F]+)", stop.monitor("info registers")).group(1), 16)
+        cr0 = stop.qemu_registers()["cr0"]
         assert not cr0 & (1 << 31)                       # CR0.PG clear: QEMU's word
         result = stop.json("xen-l4merge-check --json")
         assert result["mode"] == "live" and result["stop"] == "trampoline_setup"
@@ -470,4 +440,4 @@ def test_paging_off_in_trampoline_setup_is_not_an_error(xen_syms_path):
                    for c in result["checks"])
         reply = stop.gdb.execute("xen-l4merge-apply", check=False)
         assert reply.error and "not at __efi64_mb2_start" in reply.error
-        assert phymem_mode(stop) == "0"
+        assert stop.phymem_mode() == "0"

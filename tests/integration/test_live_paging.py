@@ -20,18 +20,6 @@ INGDB = Path(__file__).with_name("ingdb.py")
 STOPS = ["at_entry", "at_start_xen", "at_construct_dom0"]
 
 
-def qemu_registers(stop) -> dict:
-    text = stop.monitor("info registers")
-    regs = {}
-    for name in ("CR0", "CR3", "CR4", "EFER"):
-        m = re.search(rf"\b{name}=([0-9a-fA-F]+)", text)
-        assert m, f"{name} missing from QEMU's info registers:\n{text}"
-        regs[name.lower()] = int(m.group(1), 16)
-    m = re.search(r"\bRIP=([0-9a-fA-F]+)", text)
-    regs["rip"] = int(m.group(1), 16)
-    return regs
-
-
 def coalesce_like_info_mem(ranges):
     """Our ranges keyed only by what 'info mem' shows: contiguous VA, same user/write."""
     out = []
@@ -48,7 +36,7 @@ def coalesce_like_info_mem(ranges):
 def test_control_registers_match_qemu(request, stop_name):
     stop = request.getfixturevalue(stop_name)
     ours = stop.json("xen-regs --json")
-    qemu = qemu_registers(stop)
+    qemu = stop.qemu_registers()
     for name in ("cr0", "cr3", "cr4", "efer", "rip"):
         assert ours[name] == qemu[name], name
     assert ours["mode"] == "4-level"
@@ -78,7 +66,7 @@ def test_xen_pt_equals_info_mem(request, stop_name):
     qemu = [(r.va, r.end, r.user, r.writable) for r in parse_info_mem(stop.monitor("info mem"))]
     assert qemu, "QEMU's info mem printed no ranges"
     assert coalesce_like_info_mem(ours["ranges"]) == qemu
-    assert ours["root"] == qemu_registers(stop)["cr3"] & ~0xFFF
+    assert ours["root"] == stop.qemu_registers()["cr3"] & ~0xFFF
 
 
 def _probe_addresses(ranges, count, rng):
@@ -155,8 +143,7 @@ def test_bad_input_gives_one_line_and_restores_phys_mode(at_entry):
         assert reply.error, command
         assert fragment in reply.error, (command, reply.error)
         assert "\n" not in reply.error and "Traceback" not in reply.error + reply.out
-        state = at_entry.cmd("maintenance packet qqemu.PhyMemMode").out
-        assert 'received: "0"' in state, (command, state)
+        assert at_entry.phymem_mode() == "0", command
     # GDB still works, with virtual addresses.
     assert "cld" in at_entry.cmd("x/i $pc").out
 
@@ -171,8 +158,7 @@ def test_monitor_xp_reads_the_same_tables_as_the_packet(at_entry):
         at_entry.cmd("set xen-phys-read monitor-xp")
         assert "monitor-xp" in at_entry.cmd("show xen-phys-read").out
         by_xp = at_entry.json("xen-pt --json", timeout=300)
-        state = at_entry.cmd("maintenance packet qqemu.PhyMemMode").out
-        assert 'received: "0"' in state
+        assert at_entry.phymem_mode() == "0"
         assert by_xp["ranges"] == by_packet["ranges"] and by_xp["root"] == by_packet["root"]
         assert at_entry.json("xen-va2pa $pc --json") == walk_packet
         refused = at_entry.gdb.execute("xen-l4merge-apply", check=False)
@@ -199,8 +185,7 @@ def test_ctrl_c_in_the_middle_of_a_walk_restores_phys_mode(at_entry):
         timer.start()
         reply = at_entry.gdb.execute("xen-pt --json", check=False)
         timer.join()
-        state = at_entry.cmd("maintenance packet qqemu.PhyMemMode").out
-        assert 'received: "0"' in state, (delay, state)
+        assert at_entry.phymem_mode() == "0", delay
         assert "Traceback" not in reply.out + (reply.error or "")
         if reply.error:
             assert reply.error == "xen-pt: interrupted", reply.error

@@ -22,7 +22,7 @@ from gdbext.core.xensyms import load_xen_syms
 from gdbext.gdbdriver import GdbSession, lab_session
 from gdbext.lab import Lab, LabConfig
 
-from .conftest import console_load_base
+from .conftest import console_load_base, phymem_mode, qemu_qwords, qemu_registers
 
 # Each wait of the session (and of the run to the entry) gives up after this long.
 WAIT_S = 120
@@ -37,20 +37,13 @@ class Attached:
         return self.gdb.execute(command, timeout=timeout, check=False)
 
     def qemu_registers(self) -> dict:
-        text = self.gdb.execute("monitor info registers").out
-        regs = {}
-        for name in ("RIP", "CR3"):
-            m = re.search(rf"\b{name}=([0-9a-fA-F]+)", text)
-            assert m, f"{name} missing from QEMU's info registers:\n{text}"
-            regs[name.lower()] = int(m.group(1), 16)
-        return regs
+        return qemu_registers(self.gdb)
 
     def console_load_base(self) -> int:
         return console_load_base(self.gdb, self.lab)
 
     def read_u64(self, pa: int) -> int:
-        out = self.gdb.execute(f"monitor xp /1gx {pa:#x}").out
-        return int(out.split(":")[1].split()[0], 16)
+        return qemu_qwords(self.gdb, pa, 1)[0]
 
 
 @contextlib.contextmanager
@@ -223,8 +216,7 @@ def test_paging_commands_where_paging_is_off(fresh, syms):
                       f"--stops '{ENTRY},{bootstops.TRAMPOLINE_SETUP}'")
     assert reply.error is None, reply.error
     assert reply.json()["reached"] == [ENTRY, bootstops.TRAMPOLINE_SETUP]
-    cr0 = int(re.search(r"\bCR0=([0-9a-fA-F]+)", fresh.gdb.execute(
-        "monitor info registers").out).group(1), 16)
+    cr0 = fresh.qemu_registers()["cr0"]
     assert not cr0 & (1 << 31)                      # PG clear, by QEMU's own account
     assert fresh.gdb.execute("xen-regs --json").json()["mode"] == "off"
     pt = fresh.run("xen-pt")
@@ -236,8 +228,7 @@ def test_paging_commands_where_paging_is_off(fresh, syms):
     assert top["index"] == slot and top["table_name"] == "idle_pg_table"
     assert top["pointer"]["kind"] == "unrelocated"
     assert top["pointer"]["target_pa"] == syms.offset("l3_xenmap")
-    mode = fresh.gdb.execute("maintenance packet qqemu.PhyMemMode").out
-    assert 'received: "0"' in mode
+    assert phymem_mode(fresh.gdb) == "0"
 
 
 def test_backtrace_names_xen_functions_at_the_load_address(fresh):
