@@ -423,6 +423,17 @@ def read_trampoline_phys(mem, xen) -> Optional[int]:
     return value if value and value % x86.PAGE_SIZE == 0 else None
 
 
+_PLAN_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def plan_for(syms) -> StopPlan:
+    """build_plan(syms), made once per loaded xen-syms (the plan is only read)."""
+    plan = _PLAN_CACHE.get(syms)
+    if plan is None:
+        plan = _PLAN_CACHE[syms] = build_plan(syms)
+    return plan
+
+
 def build_plan(syms) -> StopPlan:
     """The stop plan of this build, from its symbols and bytes."""
     for needed in (ENTRY, EFI_MB2, SWITCH, TRAMPOLINE_SETUP):

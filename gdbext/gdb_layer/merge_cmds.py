@@ -111,7 +111,6 @@ class _Session:
 
 
 SESSION = _Session()
-_PLAN: Dict[int, Tuple[object, bootstops.StopPlan]] = {}
 
 
 def forget(reason: str = "") -> None:
@@ -157,15 +156,6 @@ def _loaded() -> LoadedXen:
     return xen_cmds.require_loaded()
 
 
-def _plan(syms) -> bootstops.StopPlan:
-    hit = _PLAN.get(id(syms))
-    if hit is None or hit[0] is not syms:
-        hit = (syms, bootstops.build_plan(syms))
-        _PLAN.clear()
-        _PLAN[id(syms)] = hit
-    return hit[1]  # type: ignore[return-value]
-
-
 def _set_register(name: str, value: int) -> None:
     """Write a register through GDB (QEMU's gdbstub accepts CR3 too).
 
@@ -200,7 +190,7 @@ def _write_checked(pa: int, data: bytes) -> None:
 
 def _where(lx: LoadedXen, rip: int) -> str:
     """The planned stop at RIP, else the stretch of boot code, else the address."""
-    stop = bootstops.stop_at(_plan(lx.syms), lx.load_base, rip)
+    stop = bootstops.stop_at(bootstops.plan_for(lx.syms), lx.load_base, rip)
     if stop is not None:
         return stop.name
     return bootstops.where_in_boot(lx.syms, lx.load_base, rip) or f"{rip:#x}"
@@ -302,7 +292,7 @@ def _evaluate(stop: Optional[str] = None, predict: bool = False,
     lx = _loaded()
     syms, base = lx.syms, lx.load_base
     wanted = l4merge.select(only, skip)
-    plan = _plan(syms)
+    plan = bootstops.plan_for(syms)
     t = target()
     _forget_if_new_boot(t.read_register("rip"))
     journal = SESSION.journal
@@ -589,7 +579,7 @@ def apply_merge(relocate: bool = False) -> dict:
 
 
 def _call_pa(lx: LoadedXen) -> int:
-    stop = _plan(lx.syms).get(CALL)
+    stop = bootstops.plan_for(lx.syms).get(CALL)
     if stop is None:
         raise GdbextError(f"xen-l4merge-apply: no call of {CALL_TARGET} found in {ENTRY} of "
                           f"this build: nothing to redirect")
@@ -620,7 +610,7 @@ def call_linked() -> dict:
     lx = _loaded()
     syms = lx.syms
     t = target()
-    plan = _plan(syms)
+    plan = bootstops.plan_for(syms)
     if plan.patched:
         raise GdbextError("xen-l4merge-apply: this build makes the call at the linked VA "
                           "itself (call *%rax): just step it (stepi)")

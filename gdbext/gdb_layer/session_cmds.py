@@ -58,7 +58,7 @@ class Session:
 
     def __init__(self, syms, args):
         self.syms = syms
-        self.plan = bootstops.build_plan(syms)
+        self.plan = bootstops.plan_for(syms)
         self.args = args
         self.selected: List[BootStop] = self.plan.select(args.stops or None,
                                                          args.skip_stops or None)

@@ -508,3 +508,8 @@ def test_read_trampoline_phys(syms):
     assert bootstops.read_trampoline_phys(mem, xen) == TRAMPOLINE_PHYS
     mem.write_u64(xen.pa("trampoline_phys"), TRAMPOLINE_PHYS + 8)
     assert bootstops.read_trampoline_phys(mem, xen) is None
+
+
+def test_plan_for_builds_once_per_symbols(syms):
+    assert bootstops.plan_for(syms) is bootstops.plan_for(syms)
+    assert bootstops.plan_for(syms).names() == bootstops.build_plan(syms).names()
