@@ -64,7 +64,6 @@ LOAD = "load"      # B + offset(instruction)
 LINKED = "linked"  # the ELF's VA
 LOW = "low"        # trampoline_phys + (instruction - trampoline_start)
 
-STOP_NAMES = STOP_ORDER  # the name xen-boot-check reads
 
 # Which invariants each stop judges is l4merge's fact (CHECKS_AT_STOP), not
 # repeated here; stops it does not list ("tables relocated", "l2_xenmap
