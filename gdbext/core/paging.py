@@ -393,6 +393,18 @@ def walk(ctx: PagingContext, mem: PhysMemory, root: int, va: int,
 Range = Tuple[int, int, int, int, int]
 
 
+def translate(ctx: PagingContext, mem: PhysMemory, cr3: int, va: int) -> Optional[int]:
+    """PA of VA as the CPU translates it with CR3 (VA itself with paging off); None if
+    unmapped or the walk cannot be read."""
+    if ctx.mode is MODE_OFF:
+        return va
+    try:
+        w = walk(ctx, mem, ctx.root_from_cr3(cr3), va)
+    except GdbextError:
+        return None
+    return w.pa if w.mapped else None
+
+
 @dataclass
 class Note:
     """Something the enumeration met and reports rather than maps."""

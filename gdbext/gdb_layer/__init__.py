@@ -1,10 +1,35 @@
-"""The thin GDB layer: backend over the remote target and one command class per command.
+"""gdbext inside GDB: the one context, the commands, and what they share.
 
-Imported only inside GDB (it imports ``gdb``). ``install()`` registers every
-command; it is idempotent, so sourcing gdbinit.py twice does no harm.
+Imported only inside GDB (it imports ``gdb``). The layers, bottom up:
+
+* ``backend.py``: registers and physical memory over QEMU's gdbstub (``GdbTarget``);
+* ``context.py``: ``CONTEXT``, the one owner of the target, Xen's state, the
+  settings, the merge record and the running boot session, with the helpers
+  every command needs at a stop (``require_loaded``, ``situation``, breakpoints);
+* ``command.py`` (the command base and parser helpers), ``addresses.py`` (the
+  address syntax), ``settings.py`` (the ``set xen-...`` parameters),
+  ``functions.py`` (``$xen_pa()`` and friends);
+* what several commands share: ``run_to.py``, ``merge_live.py``,
+  ``boot_session.py``, ``drawing.py``;
+* ``commands/``: one module per family of commands, each a leaf (it imports the
+  context, the command base, the shared modules above and the core, never another
+  command module);
+* ``harness.py`` and ``bench.py``: for programs that drive GDB over a pipe.
+
+To add a command: a ``XenCommand`` subclass in a module of ``commands/`` (parse,
+call the core, print), created in that module's ``install(ctx)``, and the module
+listed in ``COMMAND_MODULES`` below. ``install()`` is idempotent, so sourcing
+gdbinit.py twice does no harm.
 """
 
 from __future__ import annotations
+
+from . import functions, settings
+from .command import XenPrefix
+from .commands import diagram, mb2_break, merge, paging, walkthrough, xen
+from .context import CONTEXT
+
+COMMAND_MODULES = (paging, xen, merge, mb2_break, diagram, walkthrough)
 
 _INSTALLED = False
 
@@ -14,13 +39,11 @@ def install() -> bool:
     global _INSTALLED
     if _INSTALLED:
         return False
-    from . import (diagram_cmds, merge_cmds, paging_cmds, session_cmds, walkthrough_cmds,
-                   xen_cmds)
-    from .command import XenPrefix
-
     XenPrefix()
-    for module in (paging_cmds, xen_cmds, merge_cmds, session_cmds, diagram_cmds,
-                   walkthrough_cmds):
-        module.install()
+    settings.install(CONTEXT)
+    for module in COMMAND_MODULES:
+        module.install(CONTEXT)
+    functions.install(CONTEXT)
+    CONTEXT.connect_events()
     _INSTALLED = True
     return True

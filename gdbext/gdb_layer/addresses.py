@@ -18,12 +18,14 @@ import re
 from typing import Optional, Tuple
 
 from ..core.errors import GdbextError
-from . import xen_cmds
 from .command import eval_int
 
 SYNTAX_HELP = ("a GDB expression, or a Xen symbol from xen-syms: 'efi_multiboot2' or "
                "'efi_multiboot2+0x10' is its linked virtual address, 'efi_multiboot2@pa' its "
                "physical address at the load address B")
+# Where a physical address is wanted (xen-pa2va, xen-locate --base, --root).
+PA_SYNTAX_HELP = ("a GDB expression, or SYMBOL@pa for a Xen symbol's physical address at the "
+                  "load address")
 
 PA_SUFFIX = "@pa"
 
@@ -44,8 +46,8 @@ def split_xen_address(text: str) -> Optional[Tuple[str, int, bool]]:
     return m.group("name"), off, bool(m.group("pa"))
 
 
-def xen_address(text: str, what: str = "address") -> Optional[Tuple[int, bool]]:
-    """(value, is_pa) if ``text`` names a Xen symbol; None if it is not one."""
+def xen_address(ctx, text: str, what: str = "address") -> Optional[Tuple[int, bool]]:
+    """(value, is_pa) if ``text`` names a Xen symbol of ``ctx`` (the context); None if not."""
     parts = split_xen_address(text)
     if parts is None:
         if text.strip().endswith(PA_SUFFIX):
@@ -53,7 +55,7 @@ def xen_address(text: str, what: str = "address") -> Optional[Tuple[int, bool]]:
                               "(SYMBOL@pa or SYMBOL+0x10@pa)")
         return None
     name, off, at_pa = parts
-    syms = xen_cmds.STATE.syms
+    syms = ctx.xen.syms
     if syms is None or name not in syms:
         if at_pa:
             where = "no Xen symbols are loaded (xen-syms PATH)" if syms is None else \
@@ -63,17 +65,17 @@ def xen_address(text: str, what: str = "address") -> Optional[Tuple[int, bool]]:
     va = syms.linked_va(name) + off
     if not at_pa:
         return va, False
-    loaded = xen_cmds.require_loaded()
+    loaded = ctx.require_loaded()
     if not loaded.syms.in_image(va):
         raise GdbextError(f"{what} '{text.strip()}': {va:#x} is outside Xen's image, so it "
                           "has no physical address at the load address")
     return loaded.pa(va), True
 
 
-def parse_address(text: str, what: str = "address", space: str = "va") -> int:
-    """An address typed by the user (see the module doc). ``space`` is what the
-    command wants: "va" (a virtual address) or "pa" (a physical one)."""
-    hit = xen_address(text, what)
+def parse_address(ctx, text: str, what: str = "address", space: str = "va") -> int:
+    """An address typed by the user (see the module doc), Xen's names from ``ctx`` (the
+    context). ``space`` is what the command wants: "va" (a virtual address) or "pa"."""
+    hit = xen_address(ctx, text, what)
     if hit is None:
         return eval_int(text, what)
     value, is_pa = hit

@@ -7,7 +7,8 @@ breakpoints) would otherwise go to physical addresses. Targets without the
 packet fall back to ``monitor xp``.
 
 A ``PageCache`` keeps what was read until the guest runs or GDB writes memory
-or registers (GDB events below), so repeated commands at one stop are cheap.
+or registers (the context hooks GDB's events to ``invalidate``), so repeated
+commands at one stop are cheap. The one instance is ``context.CONTEXT.target``.
 """
 
 from __future__ import annotations
@@ -239,23 +240,3 @@ class GdbTarget:
         self.check_connected()
         return gdb.execute(f"monitor {command}", to_string=True)
 
-
-_TARGET: Optional[GdbTarget] = None
-
-
-def target() -> GdbTarget:
-    """The one backend of this GDB session, hooked to GDB's events on first use."""
-    global _TARGET
-    if _TARGET is None:
-        _TARGET = GdbTarget()
-        ev = gdb.events
-        for name in ("cont", "memory_changed", "register_changed", "inferior_call", "exited",
-                     "new_inferior", "new_thread"):
-            registry = getattr(ev, name, None)
-            if registry is not None:
-                registry.connect(_TARGET.invalidate)
-        for name in ("connection_removed",):
-            registry = getattr(ev, name, None)
-            if registry is not None:
-                registry.connect(_TARGET.forget_connection)
-    return _TARGET

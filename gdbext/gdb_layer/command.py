@@ -1,4 +1,4 @@
-"""The one base class every gdbext command derives from.
+"""The one base class every gdbext command derives from, and its parsing helpers.
 
 Each command declares an argparse parser; ``help xen-pt`` is generated from it.
 User mistakes become one-line ``gdb.GdbError``s (GDB prints them without a
@@ -16,6 +16,7 @@ from typing import List, Optional
 import gdb
 
 from ..core.errors import GdbextError
+from ..core.paging import MODES
 
 PREFIX = "xen"
 
@@ -47,6 +48,18 @@ def add_json_option(p: argparse.ArgumentParser) -> None:
     """--json: one line of JSON on GDB's stdout, integers as numbers (for CI and scripts)."""
     p.add_argument("--json", action="store_true",
                    help="print one line of JSON instead of text")
+
+
+def add_root_options(p: CommandParser) -> None:
+    p.add_argument("--root", default="cr3", metavar="ROOT",
+                   help="top-level table: 'cr3' (default), or its physical address: a GDB "
+                        "expression, or SYMBOL@pa (e.g. idle_pg_table@pa); or 'merge' / "
+                        "'merge-relocated': the RFC's merged L4 as predicted from the "
+                        "firmware's (at __efi64_mb2_start; the guest is not written), its "
+                        "upper half copied raw / with B added to Xen's pointers")
+    p.add_argument("--mode", choices=sorted(m for m in MODES if m != "off"),
+                   help="paging mode to interpret ROOT in (default: the CPU's, from CR0, CR4 "
+                        "and EFER.LMA)")
 
 
 def parse_int(text: str) -> int:
@@ -82,12 +95,14 @@ def use_color(from_tty: bool) -> bool:
 
 
 class XenCommand(gdb.Command):
-    """Base: subclasses set ``name`` (e.g. 'pt'), ``summary`` and build ``parser``."""
+    """Base: subclasses set ``name`` (e.g. 'pt'), ``summary``, build ``parser`` and
+    implement ``run``; ``self.ctx`` is the context (context.CONTEXT) they work in."""
 
     name = ""
     summary = ""
 
-    def __init__(self) -> None:
+    def __init__(self, ctx) -> None:
+        self.ctx = ctx
         self.parser = self.make_parser()
         self.parser.prog = f"{PREFIX}-{self.name}"
         # GDB takes help text from the class docstring when the command is created.

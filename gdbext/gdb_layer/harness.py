@@ -16,7 +16,7 @@ import json
 
 import gdb
 
-from ..gdbdriver import MARKER
+from ..core.wire import MARKER
 from .command import one_line
 
 

@@ -16,8 +16,8 @@ import pytest
 
 from gdbext import paths
 from gdbext.core.qemu import parse_info_registers, parse_xp_qwords
-from gdbext.gdbdriver import GdbSession, lab_session
-from gdbext.lab import XEN_LOAD_BASE_RE, Lab, LabConfig
+from gdbext.host.gdbdriver import GdbSession, lab_session
+from gdbext.host.lab import XEN_LOAD_BASE_RE, Lab, LabConfig
 
 BOOT_TIMEOUT_S = 240
 # A function __start_xen calls just after printing "Xen image load base address".

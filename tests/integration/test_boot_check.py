@@ -23,7 +23,7 @@ import pytest
 from gdbext import paths
 from gdbext.core import bootstops, l4merge
 from gdbext.core.xensyms import load_xen_syms
-from gdbext.lab import Lab, LabConfig
+from gdbext.host.lab import Lab, LabConfig
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "xen-boot-check"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gdbext.gdbdriver import GDBINIT, GdbSession
+from gdbext.host.gdbdriver import GDBINIT, GdbSession
 
 
 def test_commands_without_a_target_say_so(tmp_path):
@@ -52,7 +52,7 @@ def test_missing_dependency_is_one_clear_line(tmp_path):
     # A venv without our dependencies: GDB's own Python has no tabulate.
     import subprocess
 
-    from gdbext.gdbdriver import gdb_binary
+    from gdbext.host.gdbdriver import gdb_binary
 
     env = dict(__import__("os").environ, GDBEXT_VENV=str(tmp_path / "empty-venv"))
     out = subprocess.run([gdb_binary(), "-nx", "-batch", "-ex", f"source {GDBINIT}",

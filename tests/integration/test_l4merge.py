@@ -193,9 +193,11 @@ def test_assume_relocated_passes_the_call_checks(at_entry, syms):
 
 def test_python_api_never_raises_for_fails(at_entry, syms):
     stop = at_entry
-    out = stop.cmd("python import json; from gdbext.gdb_layer import merge_cmds as m; "
-                   "print(json.dumps({'check': m.check_here(only=['I3', 'I6']), "
-                   "'firmware': m.remember_firmware()}))").out
+    out = stop.cmd("python import json; from gdbext.gdb_layer import merge_live as m; "
+                   "from gdbext.gdb_layer.context import CONTEXT as c; "
+                   "from gdbext.core.merge_here import CheckRequest as R; "
+                   "print(json.dumps({'check': m.check_here(c, R(only=('I3', 'I6'))), "
+                   "'firmware': m.remember_firmware(c)}))").out
     got = json_line(out)
     assert [c["id"] for c in got["check"]["checks"]] == ["I3", "I6"]
     assert got["check"]["ok"] is False and got["check"]["counts"]["FAIL"] == 2
@@ -376,9 +378,9 @@ def test_a_new_boot_forgets_the_snapshot_and_the_journal(at_entry_consumable, sy
     stop.monitor("system_reset")
     run = stop.json(f"xen-run-to {ENTRY} --base {base:#x} --json", timeout=300)
     assert run["rip"] == base + syms.offset(ENTRY)
-    forgotten = stop.json("python import json; from gdbext.gdb_layer import merge_cmds as m; "
-                          "print(json.dumps([m.firmware_snapshot() is None, "
-                          "m.SESSION.journal is None]))")
+    forgotten = stop.json("python import json; from gdbext.gdb_layer.context import CONTEXT "
+                          "as c; print(json.dumps([c.merge.snapshot_for(c.xen.load_base) "
+                          "is None, c.merge.journal is None]))")
     assert forgotten == [True, True]
     reply = stop.gdb.execute("xen-l4merge-apply --undo", check=False)
     assert reply.error and "nothing to undo" in reply.error
@@ -404,8 +406,8 @@ def test_gdb_batch_exits_nonzero_when_a_check_fails(xen_syms_path, tmp_path):
     # What CI runs: a GDB script in batch mode; the failing check must set the status.
     import subprocess
 
-    from gdbext.gdbdriver import gdb_binary
-    from gdbext.lab import Lab, LabConfig
+    from gdbext.host.gdbdriver import gdb_binary
+    from gdbext.host.lab import Lab, LabConfig
     from gdbext.paths import GDBINIT
 
     with Lab(LabConfig(memory_mb=1024)) as lab:     # started here, stopped by pid at exit

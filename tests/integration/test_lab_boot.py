@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from gdbext import lab as L
+from gdbext.host import lab as L
 from gdbext import paths
 
 pytestmark = pytest.mark.integration

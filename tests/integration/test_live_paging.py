@@ -176,8 +176,8 @@ def test_ctrl_c_in_the_middle_of_a_walk_restores_phys_mode(at_entry):
     import threading
 
     full = at_entry.json("xen-pt --json")
-    drop_cache = ("python __import__('gdbext.gdb_layer.backend', "
-                  "fromlist=['target']).target().invalidate()")
+    drop_cache = ("python __import__('gdbext.gdb_layer.context', "
+                  "fromlist=['CONTEXT']).CONTEXT.target.invalidate()")
     interrupted = 0
     for delay in (0.05, 0.1, 0.15, 0.2, 0.03, 0.08):
         at_entry.cmd(drop_cache)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from gdbext.lab import XEN_LOAD_BASE_RE
+from gdbext.host.lab import XEN_LOAD_BASE_RE
 
 from .conftest import booted_to
 

@@ -21,8 +21,8 @@ from gdbext.core import bootstops
 from gdbext.core import walkthrough as wt
 from gdbext.core.qemu import parse_gva2gpa
 from gdbext.core.xensyms import load_xen_syms
-from gdbext.gdbdriver import lab_session
-from gdbext.lab import XEN_LOAD_BASE_RE, Lab, LabConfig
+from gdbext.host.gdbdriver import lab_session
+from gdbext.host.lab import XEN_LOAD_BASE_RE, Lab, LabConfig
 
 from . import tutorial
 

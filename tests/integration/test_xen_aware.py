@@ -180,26 +180,26 @@ def test_xen_info_at_entry(boot, syms):
 
 def _py(stop, expr: str) -> str:
     """Evaluate a Python expression inside GDB, with the core and the GDB layer at hand."""
-    return stop.cmd("python from gdbext.gdb_layer import xen_cmds as X; "
-                    "from gdbext.core import xenimage as I; t = X.target(); "
+    return stop.cmd("python from gdbext.gdb_layer.context import CONTEXT as X; "
+                    "from gdbext.core import xenimage as I; t = X.target; "
                     f"print({expr})").out.strip()
 
 
 def test_mbi_esi_and_stored_xen_phys_start_give_b(boot, syms):
     base = boot.run["load_base"]
     # At the entry, GRUB's boot information (%rbx) has LOAD_BASE_ADDR = PA(_start).
-    assert _py(boot, "I.base_from_mbi(t.cache, X.STATE.syms, t.read_register('rbx'))") == str(base)
+    assert _py(boot, "I.base_from_mbi(t.cache, X.xen.syms, t.read_register('rbx'))") == str(base)
     # In trampoline_setup, %esi still holds B (put there by x86_32_switch).
     run = boot.json("xen-run-to trampoline_setup --json --timeout 60", timeout=90)
     assert run["at"] == "load address" and run["load_base"] == base
     assert boot.json("xen-info --json")["where"] == "trampoline_setup"
-    esi_base = _py(boot, "I.base_from_esi(t.cache, X.STATE.syms, t.read_register('rip'), "
+    esi_base = _py(boot, "I.base_from_esi(t.cache, X.xen.syms, t.read_register('rip'), "
                          "t.read_register('rsi') & 0xffffffff)")
     assert esi_base == str(base)
     # Its first instruction stores B in xen_phys_start: then it is there at its PA.
-    assert _py(boot, "I.phys_start_holds(t.cache, X.STATE.syms, X.STATE.load_base)") == "False"
+    assert _py(boot, "I.phys_start_holds(t.cache, X.xen.syms, X.xen.load_base)") == "False"
     boot.cmd("stepi")
-    assert _py(boot, "I.phys_start_holds(t.cache, X.STATE.syms, X.STATE.load_base)") == "True"
+    assert _py(boot, "I.phys_start_holds(t.cache, X.xen.syms, X.xen.load_base)") == "True"
 
 
 def test_start_xen_phys_start_and_console_agree(boot, syms):

@@ -132,8 +132,8 @@ def run_commands(commands: Sequence[str], svg_dir: Path) -> Tuple[Dict[str, str]
     """Boot the lab, load xen-syms, run ``commands`` in order; then let Xen run on and
     read B from its console. Returns ({command: output}, B). QEMU and GDB are stopped."""
     from gdbext import paths
-    from gdbext.gdbdriver import lab_session
-    from gdbext.lab import XEN_LOAD_BASE_RE, LabConfig
+    from gdbext.host.gdbdriver import lab_session
+    from gdbext.host.lab import XEN_LOAD_BASE_RE, LabConfig
 
     outputs: Dict[str, str] = {}
     with lab_session(LabConfig(memory_mb=1024), paths.XEN_DEBIAN_SYMS) as (lab, gdb):

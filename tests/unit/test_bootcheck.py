@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gdbext import bootcheck, paths
+from gdbext import paths
+from gdbext.host import bootcheck
 from gdbext.core import junit
 
 REPO = Path(__file__).resolve().parents[2]

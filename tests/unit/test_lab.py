@@ -1,4 +1,4 @@
-"""Fast tests of gdbext.lab's pure parts: no QEMU, no GRUB, no network beyond 127.0.0.1."""
+"""Fast tests of gdbext.host.lab's pure parts: no QEMU, no GRUB, no network beyond 127.0.0.1."""
 
 import os
 import re
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gdbext import lab as L
+from gdbext.host import lab as L
 from gdbext.core.errors import GdbextError
 
 

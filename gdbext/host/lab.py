@@ -53,8 +53,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Set, Union
 
-from gdbext import paths
-from gdbext.core.errors import GdbextError
+from .. import paths
+from ..core.errors import GdbextError
 
 # --------------------------------------------------------------------------- facts
 

@@ -1,156 +1,26 @@
 """xen-regs, xen-pt, xen-va2pa, xen-pa2va: the paging commands.
 
 Addresses are parsed by addresses.parse_address (Xen symbols, SYMBOL@pa, GDB
-expressions). When xen-syms is loaded and B is known (and the build-id
-matches), the output names Xen's objects: table pages, the target of each
-range, and how each pointer read from a Xen boot table was relocated.
+expressions); what is walked comes from the context's ``situation()``. When
+xen-syms is loaded and B is known (and the build-id matches), the output names
+Xen's objects (core.walknames): table pages, the target of each range, and how
+each pointer read from a Xen boot table was relocated.
 """
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import gdb
 
-from ..core import l4merge, paging, render, x86, xenimage
-from ..core.errors import GdbextError
-from ..core.paging import ATTR_NX, ATTR_U, ATTR_W, MODES, PagingContext
-from . import xen_cmds
-from .addresses import SYNTAX_HELP, parse_address
-from .backend import target
-from .command import CommandParser, XenCommand, add_json_option, parse_int, use_color
-
-CONTROL_REGISTERS = ("cr0", "cr3", "cr4", "efer")
-
-
-class MaxPhyAddr(gdb.Parameter):
-    """Physical-address width (MAXPHYADDR) used to find reserved bits in entries.
-
-GDB cannot read CPUID through QEMU's gdbstub. The default 52 is the architectural
-maximum and never reports a false fault; set it to the guest CPU's width (QEMU's
-TCG CPUs have 40 unless -cpu ...,phys-bits=N) to catch entries above it."""
-
-    set_doc = "Set the physical-address width used by gdbext's page walks."
-    show_doc = "Show the physical-address width used by gdbext's page walks."
-
-    def __init__(self) -> None:
-        super().__init__("xen-maxphyaddr", gdb.COMMAND_DATA, gdb.PARAM_ZUINTEGER)
-        self.value = x86.MAXPHYADDR_ARCH
-
-    def get_set_string(self) -> str:
-        if not 32 <= int(self.value) <= 52:
-            bad = self.value
-            self.value = x86.MAXPHYADDR_ARCH
-            raise gdb.GdbError(f"xen-maxphyaddr must be between 32 and 52, not {bad}")
-        return ""
-
-
-class PhysRead(gdb.Parameter):
-    """How gdbext reads guest physical memory.
-
-auto: QEMU's Qqemu.PhyMemMode packet when the stub has it, else 'monitor xp'.
-packet: always the packet (fast; also needed by xen-l4merge-apply to write).
-monitor-xp: always 'monitor xp' (slower; for stubs without the packet, or to check
-one reading against the other)."""
-
-    set_doc = "Set how gdbext reads guest physical memory."
-    show_doc = "Show how gdbext reads guest physical memory."
-    METHODS = {"auto": None, "packet": "phymem", "monitor-xp": "xp"}
-
-    def __init__(self) -> None:
-        super().__init__("xen-phys-read", gdb.COMMAND_DATA, gdb.PARAM_ENUM,
-                         list(self.METHODS))
-        self.value = "auto"
-
-    def get_set_string(self) -> str:
-        target().force_method(self.METHODS[self.value])
-        return ""
-
-
-_MAXPHYADDR: Optional[MaxPhyAddr] = None
-_PHYS_READ: Optional[PhysRead] = None
-
-
-def maxphyaddr() -> int:
-    return int(_MAXPHYADDR.value) if _MAXPHYADDR is not None else x86.MAXPHYADDR_ARCH
-
-
-@dataclass
-class Situation:
-    """What a paging command works from at this stop."""
-    regs: Dict[str, int]
-    ctx: PagingContext
-    root: int
-    root_source: str
-    # Memory to walk: the guest's (None), or an overlay holding a predicted merge.
-    mem: Optional[object] = None
-    # The Xen table whose link values the root's entries are copies of (a merged L4's
-    # upper half copies idle_pg_table's), for judging its pointers.
-    judge_root_as: Optional[str] = None
-
-    def memory(self):
-        return self.mem if self.mem is not None else target().cache
-
-
-# --root values that walk the RFC's merged L4 as predicted (nothing written).
-MERGE_ROOTS = {"merge": False, "merge-relocated": True}
-
-
-def read_control_registers() -> Dict[str, int]:
-    return target().read_registers(CONTROL_REGISTERS)
-
-
-def cpu_context(regs: Dict[str, int]) -> PagingContext:
-    """The paging the CPU does with these CR0/CR4/EFER, at 'set xen-maxphyaddr'."""
-    return PagingContext.from_registers(regs["cr0"], regs["cr4"], regs["efer"],
-                                        maxphyaddr=maxphyaddr())
-
-
-def add_root_options(p: CommandParser) -> None:
-    p.add_argument("--root", default="cr3", metavar="ROOT",
-                   help="top-level table: 'cr3' (default), or its physical address: a GDB "
-                        "expression, or SYMBOL@pa (e.g. idle_pg_table@pa); or 'merge' / "
-                        "'merge-relocated': the RFC's merged L4 as predicted from the "
-                        "firmware's (at __efi64_mb2_start; the guest is not written), its "
-                        "upper half copied raw / with B added to Xen's pointers")
-    p.add_argument("--mode", choices=sorted(m for m in MODES if m != "off"),
-                   help="paging mode to interpret ROOT in (default: the CPU's, from CR0, CR4 "
-                        "and EFER.LMA)")
-
-
-def situation(args: argparse.Namespace) -> Situation:
-    regs = read_control_registers()
-    ctx = cpu_context(regs)
-    if args.mode:
-        ctx = PagingContext(MODES[args.mode], nxe=ctx.nxe, pke=ctx.pke, pse=ctx.pse,
-                            wp=ctx.wp, maxphyaddr=ctx.maxphyaddr)
-    if ctx.mode is paging.MODE_OFF:
-        raise GdbextError("paging is off (CR0.PG=0): addresses are physical; pass --mode "
-                          "and --root to read a table anyway")
-    if args.root == "cr3":
-        return Situation(regs, ctx, ctx.root_from_cr3(regs["cr3"]), "cr3")
-    if args.root in MERGE_ROOTS:
-        if ctx.mode is not paging.MODE_4LEVEL:
-            raise GdbextError(f"--root {args.root}: the RFC's merge is a 4-level L4; the CPU "
-                              f"is in {ctx.mode.name} paging")
-        from . import merge_cmds  # here, not at the top: merge_cmds imports this module
-        pred = merge_cmds.predicted_merge(relocate=MERGE_ROOTS[args.root])
-        return Situation(regs, ctx, pred.root,
-                         f"{args.root}: predicted, M in {pred.table_source}",
-                         mem=pred.mem, judge_root_as=l4merge.IDLE_L4)
-    root = parse_address(args.root, "root table", space="pa")
-    align = 32 if ctx.mode is paging.MODE_PAE else x86.PAGE_SIZE
-    if root & (align - 1):
-        raise GdbextError(f"root table {root:#x} is not {align}-byte aligned (low bits "
-                          f"{root & (align - 1):#x} set): give the table's physical address, "
-                          "or 'cr3'")
-    if root >= 1 << ctx.maxphyaddr:
-        raise GdbextError(f"root table {root:#x} is above the {ctx.maxphyaddr}-bit physical "
-                          "address space: give a physical address, not a virtual one")
-    return Situation(regs, ctx, root, args.root)
-
+from ...core import paging, render, x86
+from ...core.paging import ATTR_NX, ATTR_U, ATTR_W
+from ...core.walknames import Situation, judge_raw, judge_step, situation_namer, verdict_text
+from ..addresses import PA_SYNTAX_HELP, SYNTAX_HELP, parse_address
+from ..command import (CommandParser, XenCommand, add_json_option, add_root_options, parse_int,
+                       use_color)
+from ..context import RootChoice
+from ..drawing import write_diagram
 
 def _emit(text: str, from_tty: bool, lexer: str = "text") -> None:
     if use_color(from_tty):
@@ -168,10 +38,9 @@ class RegsCommand(XenCommand):
         return p
 
     def run(self, args, from_tty):
-        t = target()
-        regs = read_control_registers()
-        regs["rip"] = t.read_register("rip")
-        ctx = cpu_context(regs)
+        regs = self.ctx.read_control_registers()
+        regs["rip"] = self.ctx.target.read_register("rip")
+        ctx = self.ctx.cpu_context(regs)
         bits = {
             "cr0": [("PE", x86.CR0_PE), ("WP", x86.CR0_WP), ("PG", x86.CR0_PG)],
             "cr4": [("PSE", x86.CR4_PSE), ("PAE", x86.CR4_PAE), ("PGE", x86.CR4_PGE),
@@ -257,29 +126,29 @@ class PtCommand(XenCommand):
 
     def run(self, args, from_tty):
         if args.svg or args.dot:
-            # One drawing path for xen-pt and xen-diagram (diagram_cmds owns it).
-            from .diagram_cmds import write_diagram
-            result = write_diagram(args.svg, args.dot, root=args.root, mode=args.mode)
+            # One drawing path for xen-pt, xen-diagram and the walkthrough.
+            result = write_diagram(self.ctx, args.svg, args.dot, root=args.root,
+                                   mode=args.mode)
             if args.json:
                 gdb.write(render.to_json({"files": [str(f) for f in result.files],
                                           "note": result.note}) + "\n")
             else:
                 gdb.write("".join(f"wrote {f}\n" for f in result.files))
             return
-        t = target()
+        t = self.ctx.target
         with t.phys_mode():
-            sit = situation(args)
+            sit = self.ctx.situation(RootChoice(args.root, args.mode))
             lo = hi = None
             if args.range:
-                lo = parse_address(args.range[0], "range start")
-                hi = parse_address(args.range[1], "range end")
-            loaded, xen_note = xen_cmds.loaded_or_note()
+                lo = parse_address(self.ctx, args.range[0], "range start")
+                hi = parse_address(self.ctx, args.range[1], "range end")
+            loaded, xen_note = self.ctx.loaded_or_note()
             namer = situation_namer(sit, loaded)
             if args.levels:
-                text = tree_text(sit, sit.memory(), lo, hi, namer, loaded)
+                text = tree_text(sit, sit.mem, lo, hi, namer, loaded)
                 _emit(text + (f"\n({xen_note})" if xen_note else ""), from_tty)
                 return
-            en = paging.enumerate_ranges(sit.ctx, sit.memory(), sit.root, lo, hi,
+            en = paging.enumerate_ranges(sit.ctx, sit.mem, sit.root, lo, hi,
                                          follow_cycles=not args.no_follow_cycles)
         ranges = _filter(en.ranges, args)
         truncated = 0
@@ -319,57 +188,6 @@ def _xen_keys(loaded, xen_note: Optional[str]) -> Dict[str, object]:
             "xen_note": xen_note}
 
 
-def judge_step(loaded, step, sit: Optional[Situation] = None
-               ) -> Optional[xenimage.EntryVerdict]:
-    """How a present entry read from one of Xen's boot tables compares with its link value."""
-    if not step.entry.present:
-        return None
-    return judge_raw(loaded, step.entry_pa, step.entry.raw, sit)
-
-
-def judge_raw(loaded, entry_pa: int, raw: int, sit: Optional[Situation] = None
-              ) -> Optional[xenimage.EntryVerdict]:
-    """judge_step for an entry known by its PA and value (xen-pt --levels)."""
-    if loaded is None or not xenimage.has_bytes(loaded.syms):
-        return None   # a .map has no link-time values to compare with
-    if sit is not None and sit.judge_root_as and \
-            sit.root <= entry_pa < sit.root + x86.PAGE_SIZE:
-        index = (entry_pa - sit.root) // 8
-        if index < l4merge.L4_HALF:
-            return None  # the firmware's half of a merged L4
-        return loaded.judge_entry(sit.judge_root_as, index, raw)
-    hit = loaded.table_at(entry_pa)
-    if hit is None:
-        return None
-    name, _level, offset = hit
-    return loaded.judge_entry(name, offset // 8, raw)
-
-
-def situation_namer(sit: Situation, loaded):
-    """Names for PAs: Xen's objects, and a predicted merge's M called what it is
-    (the page it borrows, e.g. l3_bootmap, is not the L3 its name suggests)."""
-    if loaded is None:
-        return None
-    if not sit.judge_root_as:
-        return loaded.name_pa
-
-    def name(pa: int):
-        if pa == sit.root:
-            return f"merged L4 M, in {loaded.name_pa(pa) or hex(pa)}"
-        return loaded.name_pa(pa)
-    return name
-
-
-def verdict_text(v: xenimage.EntryVerdict) -> str:
-    if v.kind == xenimage.RELOCATED:
-        return "relocated"
-    if v.kind == xenimage.ABSOLUTE:
-        return "absolute, as linked"
-    if v.kind == xenimage.FOREIGN and not v.link:
-        return "written at run time: link value 0"
-    return f"{v.kind}: points at {v.target_pa:#x}, relocated once would be {v.expected_pa:#x}"
-
-
 class Va2paCommand(XenCommand):
     name = "va2pa"
     summary = "Translate a virtual address, showing every level of the walk."
@@ -391,13 +209,13 @@ class Va2paCommand(XenCommand):
         return p
 
     def run(self, args, from_tty):
-        t = target()
+        t = self.ctx.target
         expr = " ".join(args.address)
         with t.phys_mode():
-            sit = situation(args)
-            va = parse_address(expr, "address")
-            w = paging.walk(sit.ctx, sit.memory(), sit.root, va)
-            loaded, xen_note = xen_cmds.loaded_or_note()
+            sit = self.ctx.situation(RootChoice(args.root, args.mode))
+            va = parse_address(self.ctx, expr, "address")
+            w = paging.walk(sit.ctx, sit.mem, sit.root, va)
+            loaded, xen_note = self.ctx.loaded_or_note()
             verdicts = [judge_step(loaded, step, sit) for step in w.steps]
         namer = situation_namer(sit, loaded)
         if args.json:
@@ -422,19 +240,18 @@ class Pa2vaCommand(XenCommand):
         p = CommandParser(description=self.summary,
                           epilog="Examples: xen-pa2va 0x3d800000; xen-pa2va efi_multiboot2@pa")
         p.add_argument("address", nargs="+", metavar="PA",
-                       help="a GDB expression, or SYMBOL@pa for a Xen symbol's physical "
-                            "address at the load address")
+                       help=PA_SYNTAX_HELP)
         add_root_options(p)
         add_json_option(p)
         return p
 
     def run(self, args, from_tty):
-        t = target()
+        t = self.ctx.target
         with t.phys_mode():
-            sit = situation(args)
-            pa = parse_address(" ".join(args.address), "physical address", space="pa")
-            en = paging.enumerate_ranges(sit.ctx, sit.memory(), sit.root)
-            loaded, xen_note = xen_cmds.loaded_or_note()
+            sit = self.ctx.situation(RootChoice(args.root, args.mode))
+            pa = parse_address(self.ctx, " ".join(args.address), "physical address", space="pa")
+            en = paging.enumerate_ranges(sit.ctx, sit.mem, sit.root)
+            loaded, xen_note = self.ctx.loaded_or_note()
         hits = paging.pa_to_vas(en.ranges, pa)
         name = loaded.name_pa(pa) if loaded is not None else None
         if args.json:
@@ -455,13 +272,6 @@ class Pa2vaCommand(XenCommand):
         _emit("\n".join(lines), from_tty)
 
 
-def install() -> None:
-    global _MAXPHYADDR, _PHYS_READ
-    if _MAXPHYADDR is None:
-        _MAXPHYADDR = MaxPhyAddr()
-    if _PHYS_READ is None:
-        _PHYS_READ = PhysRead()
-    RegsCommand()
-    PtCommand()
-    Va2paCommand()
-    Pa2vaCommand()
+def install(ctx) -> None:
+    for cls in (RegsCommand, PtCommand, Va2paCommand, Pa2vaCommand):
+        cls(ctx)

@@ -22,7 +22,6 @@ from typing import Union
 import gdb
 
 from ..core.errors import GdbextError
-from . import xen_cmds
 from .addresses import parse_address
 from .command import one_line
 
@@ -52,7 +51,8 @@ def _u64(value: int) -> "gdb.Value":
 class _XenFunction(gdb.Function):
     name = ""
 
-    def __init__(self) -> None:
+    def __init__(self, ctx) -> None:
+        self.ctx = ctx   # the context (context.CONTEXT)
         super().__init__(self.name)
 
     def invoke(self, *args):
@@ -70,10 +70,10 @@ class _XenFunction(gdb.Function):
         raise NotImplementedError
 
 
-def _linked_va(arg: Union[str, int]) -> int:
+def _linked_va(ctx, arg: Union[str, int]) -> int:
     if isinstance(arg, int):
         return arg
-    return parse_address(arg, "symbol", space="va")
+    return parse_address(ctx, arg, "symbol", space="va")
 
 
 class XenBase(_XenFunction):
@@ -84,7 +84,7 @@ Example: condition 1 $rip - $xen_base() == $xen_offset("__efi64_mb2_start")"""
     name = "xen_base"
 
     def compute(self):
-        return _u64(xen_cmds.require_loaded().load_base)
+        return _u64(self.ctx.require_loaded().load_base)
 
 
 class XenPa(_XenFunction):
@@ -98,8 +98,8 @@ Examples: break *$xen_pa("efi_multiboot2"); p/x $xen_pa("idle_pg_table+0x828")""
     def compute(self, sym):
         arg = _arg(sym)
         if isinstance(arg, str) and arg.strip().endswith("@pa"):
-            return _u64(parse_address(arg, "symbol", space="pa"))
-        return _u64(xen_cmds.require_loaded().pa(_linked_va(arg)))
+            return _u64(parse_address(self.ctx, arg, "symbol", space="pa"))
+        return _u64(self.ctx.require_loaded().pa(_linked_va(self.ctx, arg)))
 
 
 class XenVa(_XenFunction):
@@ -109,8 +109,8 @@ Example: xen-va2pa $xen_va("efi_multiboot2")"""
     name = "xen_va"
 
     def compute(self, sym):
-        xen_cmds.require_syms()
-        return _u64(_linked_va(_arg(sym)))
+        self.ctx.require_syms()
+        return _u64(_linked_va(self.ctx, _arg(sym)))
 
 
 class XenOffset(_XenFunction):
@@ -120,8 +120,8 @@ Needs only xen-syms, not B. Example: p/x $xen_offset("idle_pg_table")"""
     name = "xen_offset"
 
     def compute(self, sym):
-        syms = xen_cmds.require_syms()
-        return _u64(syms.offset(_linked_va(_arg(sym))))
+        syms = self.ctx.require_syms()
+        return _u64(syms.offset(_linked_va(self.ctx, _arg(sym))))
 
 
 class XenVa2pa(_XenFunction):
@@ -134,8 +134,9 @@ Example: condition 2 $xen_va2pa("efi_multiboot2") == $xen_pa("efi_multiboot2")""
 
     def compute(self, addr):
         arg = _arg(addr)
-        va = parse_address(arg, "address", space="va") if isinstance(arg, str) else arg
-        pa = xen_cmds.translate(va)
+        va = (parse_address(self.ctx, arg, "address", space="va") if isinstance(arg, str)
+              else arg)
+        pa = self.ctx.translate(va)
         if pa is None:
             raise GdbextError(f"{va:#x} is not mapped under the current CR3 "
                               "(xen-va2pa shows where the walk stops)")
@@ -151,17 +152,10 @@ Example: printf "%s\\n", $xen_name($cr3 & ~0xfff)"""
     def compute(self, pa):
         arg = _arg(pa)
         if isinstance(arg, str):
-            arg = parse_address(arg, "physical address", space="pa")
-        return gdb.Value(xen_cmds.require_loaded().name_pa(arg) or "")
+            arg = parse_address(self.ctx, arg, "physical address", space="pa")
+        return gdb.Value(self.ctx.require_loaded().name_pa(arg) or "")
 
 
-_INSTALLED = False
-
-
-def install() -> None:
-    global _INSTALLED
-    if _INSTALLED:
-        return
+def install(ctx) -> None:
     for cls in (XenBase, XenPa, XenVa, XenOffset, XenVa2pa, XenName):
-        cls()
-    _INSTALLED = True
+        cls(ctx)

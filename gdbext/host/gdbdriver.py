@@ -19,16 +19,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
-from .core.errors import GdbextError
-from .paths import GDBINIT
-
-if TYPE_CHECKING:
-    from .lab import Lab
-
-# Starts the one line in which gdbext.gdb_layer.harness frames each command's reply.
-MARKER = "@@gdbext@@ "
+from ..core.errors import GdbextError
+from ..core.wire import MARKER
+from ..paths import GDBINIT
+from .lab import Lab, LabConfig
 
 
 class GdbCommandError(GdbextError):
@@ -154,13 +150,11 @@ class GdbSession:
 
 
 @contextlib.contextmanager
-def lab_session(config=None, xen_syms=None) -> Iterator[Tuple["Lab", GdbSession]]:
+def lab_session(config=None, xen_syms=None) -> Iterator[Tuple[Lab, GdbSession]]:
     """A lab (QEMU + OVMF + GRUB + Xen, halted at its first instruction) with GDB
     attached, gdbext loaded and xen-syms given (the config's, unless ``xen_syms``).
     GDB and QEMU are stopped by pid on exit, pass or fail; closing GDB early (to
     detach and let Xen run on) is allowed."""
-    from .lab import Lab, LabConfig
-
     lab = Lab(config if config is not None else LabConfig())
     gdb = None
     try:

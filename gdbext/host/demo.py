@@ -13,18 +13,17 @@ import sys
 import time
 from pathlib import Path
 
-from . import paths
-from .core.errors import GdbextError
-from .core.l4merge import CALL_TARGET  # the function the RFC calls at its linked VA
-from .core.stopnames import ENTRY
+from .. import paths
+from ..core.errors import GdbextError
+from ..core.l4merge import CALL_TARGET  # the function the RFC calls at its linked VA
+from ..core.stopnames import ENTRY
+from ..core.xensyms import load_xen_syms
 from .gdbdriver import GDBINIT, GdbSession, gdb_binary
 from .lab import Lab, LabConfig
 
 
 def report_commands(xen_syms: Path):
     """(title, command) pairs: what the demo shows at the entry stop."""
-    from .core.xensyms import load_xen_syms
-
     syms = load_xen_syms(xen_syms)
     linked = syms.linked_va(CALL_TARGET)
     return [

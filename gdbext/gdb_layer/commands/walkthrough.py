@@ -1,7 +1,7 @@
 """xen-walkthrough: a guided tour of Xen's early boot paging, stop by stop.
 
 For someone who knows C but not x86 paging. It runs the ``__efi64_mb2_start``
-session of ``xen-mb2-break`` (``session_cmds.Session``: the same plan and
+session of ``xen-mb2-break`` (``boot_session.BootSession``: the same plan and
 breakpoints) and at each stop prints a short lesson (``core.walkthrough``),
 the one walk that matters with every table named, what changed since the last
 stop and the checks made there; at the entry it compares the RFC's predicted
@@ -12,7 +12,6 @@ stops (``--no-wait`` runs straight through). Nothing is written to the guest.
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -20,50 +19,52 @@ from typing import Dict, List, Optional
 
 import gdb
 
-from ..core import bootstops as bs
-from ..core import l4merge, paging, render, x86
-from ..core import walkthrough as wt
-from ..core.errors import GdbextError
-from ..core.xenimage import LoadedXen
-from . import merge_cmds, session_cmds, xen_cmds
-from .diagram_cmds import write_diagram
-from .backend import target
-from .command import CommandParser, XenCommand, add_json_option
-from .paging_cmds import cpu_context, judge_step, maxphyaddr, verdict_text
+from ...core import bootstops as bs
+from ...core import l4merge, paging, render, x86
+from ...core import walkthrough as wt
+from ...core.errors import GdbextError
+from ...core.mb2session import SessionOptions
+from ...core.merge_here import CheckRequest
+from ...core.walknames import judge_step, verdict_text
+from ...core.xenimage import LoadedXen
+from ..boot_session import BootSession
+from ..command import CommandParser, XenCommand, add_json_option
+from ..drawing import write_diagram
+from ..merge_live import check_here
 
 
-def _session_args(timeout: float) -> argparse.Namespace:
-    """What session_cmds.Session reads from xen-mb2-break's parser: every stop, the
-    live checks of each stop, no prediction (the entry's comparison is ours)."""
-    return argparse.Namespace(stops=[], skip_stops=[], only=[], skip=[], predict=False,
-                              assume_relocated=False, keep_going=True, timeout=timeout,
-                              json=False, color=False, batch=False)
+def _session_options(timeout: float) -> SessionOptions:
+    """Every stop, the live checks of each stop, no prediction (the entry's comparison
+    is ours)."""
+    return SessionOptions(keep_going=True, timeout=timeout)
 
 
 # -- the walks -----------------------------------------------------------------------------
 
 
-def _four_level(regs: Dict[str, int]) -> paging.PagingContext:
+def _four_level(regs: Dict[str, int], maxphyaddr: int) -> paging.PagingContext:
     """The context the CPU uses once long mode is on (for tables read while paging is off)."""
     return paging.PagingContext(paging.MODES["4-level"], nxe=True,
-                                wp=bool(regs.get("cr0", 0) & x86.CR0_WP), maxphyaddr=maxphyaddr())
+                                wp=bool(regs.get("cr0", 0) & x86.CR0_WP), maxphyaddr=maxphyaddr)
 
 
-def _cpu_context(regs: Dict[str, int]) -> Optional[paging.PagingContext]:
-    ctx = cpu_context(regs)
+def _cpu_context(gctx, regs: Dict[str, int]) -> Optional[paging.PagingContext]:
+    ctx = gctx.cpu_context(regs)
     return None if ctx.mode is paging.MODE_OFF else ctx
 
 
-def stop_walk(xen: LoadedXen, plan, lesson: wt.Lesson, regs: Dict[str, int]):
-    """(the lesson's walk at this stop, None), or (None, why there is no walk)."""
+def stop_walk(gctx, xen: LoadedXen, plan, lesson: wt.Lesson, regs: Dict[str, int]):
+    """(the lesson's walk at this stop, None), or (None, why there is no walk);
+    ``gctx``: the context."""
     syms = xen.syms
     linked = syms.linked_va(wt.CALL_TARGET)
-    ctx = _cpu_context(regs)
-    cr3_root = regs["cr3"] & x86.phys_addr_mask(maxphyaddr()) & ~0xFFF
+    ctx = _cpu_context(gctx, regs)
+    maxphyaddr = gctx.settings.maxphyaddr
+    cr3_root = regs["cr3"] & x86.phys_addr_mask(maxphyaddr) & ~0xFFF
     if lesson.walk == wt.WALK_TARGET_IDLE:
-        root, va, ctx = xen.pa("idle_pg_table"), linked, _four_level(regs)
+        root, va, ctx = xen.pa("idle_pg_table"), linked, _four_level(regs, maxphyaddr)
     elif lesson.walk == wt.WALK_TARGET_CR3:
-        root, va, ctx = cr3_root, linked, ctx or _four_level(regs)
+        root, va, ctx = cr3_root, linked, ctx or _four_level(regs, maxphyaddr)
     elif lesson.walk == wt.WALK_CALL:
         if ctx is None:
             return None, "paging is off"
@@ -73,7 +74,7 @@ def stop_walk(xen: LoadedXen, plan, lesson: wt.Lesson, regs: Dict[str, int]):
         if ctx is None:
             return None, "paging is off: RIP is a physical address"
         root, va = ctx.root_from_cr3(regs["cr3"]), regs["rip"]
-    w = paging.walk(ctx, target().cache, root, va)
+    w = paging.walk(ctx, gctx.target.cache, root, va)
     return w, None
 
 
@@ -124,20 +125,21 @@ def _slug(name: str) -> str:
 # -- the entry's comparison -------------------------------------------------------------------
 
 
-def entry_comparison(xen: LoadedXen, regs: Dict[str, int]) -> dict:
+def entry_comparison(gctx, xen: LoadedXen, regs: Dict[str, int]) -> dict:
     """The RFC's raw merge vs the relocated one, predicted from the firmware's L4."""
-    ctx = _cpu_context(regs)
+    ctx = _cpu_context(gctx, regs)
     linked = xen.syms.linked_va(wt.CALL_TARGET)
     walks = []
     for relocate, label in ((False, wt.RAW_LABEL), (True, wt.RELOCATED_LABEL)):
-        pred = merge_cmds.predicted_merge(relocate)
+        pred = gctx.predicted_merge(relocate)
         walks.append(wt.merge_walk(xen, ctx, pred.mem, pred.root, linked,
                                    f"{label}, in {pred.table_source}"))
     verdicts = {}
     try:
         for relocate in (False, True):
-            res = merge_cmds.check_here(stop=bs.ENTRY, predict=True, assume_relocated=relocate,
-                                        only=list(l4merge.CALL_CHECKS), skip=None)
+            res = check_here(gctx, CheckRequest(stop=bs.ENTRY, predict=True,
+                                                assume_relocated=relocate,
+                                                only=tuple(l4merge.CALL_CHECKS)))
             verdicts["relocated" if relocate else "raw"] = [
                 {"id": c["id"], "status": c["status"], "summary": c["summary"]}
                 for c in res.get("checks") or []]
@@ -182,7 +184,7 @@ def comparison_dict(xen: LoadedXen, comp: dict) -> dict:
 # -- diagrams ----------------------------------------------------------------------------------
 
 
-def _write_svg(svg_dir: Path, number: int, stop: str, xen: LoadedXen,
+def _write_svg(gctx, svg_dir: Path, number: int, stop: str, xen: LoadedXen,
                regs: Dict[str, int]) -> Optional[str]:
     path = svg_dir / f"{number:02d}-{_slug(stop)}.svg"
     paging_on = bool(regs["cr0"] & x86.CR0_PG)
@@ -194,7 +196,7 @@ def _write_svg(svg_dir: Path, number: int, stop: str, xen: LoadedXen,
         kwargs.update(root=f"{xen.pa('idle_pg_table'):#x}", mode="4-level")
     elif not paging_on:
         kwargs["mode"] = "4-level"        # CR3 is loaded, paging not yet on
-    write_diagram(svg=str(path), **kwargs)
+    write_diagram(gctx, svg=str(path), **kwargs)
     return str(path)
 
 
@@ -246,14 +248,14 @@ class WalkthroughCommand(XenCommand):
     def _run(self, args, from_tty):
         if args.timeout <= 0:
             raise GdbextError(f"xen-walkthrough: --timeout {args.timeout:g}: give seconds > 0")
-        syms = xen_cmds.require_syms()
+        syms = self.ctx.require_syms()
         if args.svg_dir is not None:
             try:
                 args.svg_dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise GdbextError(f"xen-walkthrough: cannot create --svg-dir {args.svg_dir}: "
                                   f"{e.strerror or e}") from None
-        session = session_cmds.Session(syms, _session_args(args.timeout))
+        session = BootSession(self.ctx, syms, _session_options(args.timeout))
         total = len(session.selected)
         out: Dict[str, object] = {"load_base": None, "patched": session.plan.patched,
                                   "stops": [], "complete": False, "error": None,
@@ -268,7 +270,7 @@ class WalkthroughCommand(XenCommand):
         try:
             record = session.start(args.timeout, announce=not args.json)
             # Xen-specific lessons only for the Xen these symbols describe (build-id).
-            xen_cmds.require_loaded()
+            self.ctx.require_loaded()
             out["load_base"] = session.load_base
             number = 1
             while True:
@@ -303,7 +305,7 @@ class WalkthroughCommand(XenCommand):
         regs = dict(record.get("registers") or {})
         for name in ("cr0", "cr3", "cr4", "efer", "rip"):
             if name not in regs:
-                regs[name] = target().read_register(name)
+                regs[name] = self.ctx.target.read_register(name)
         item: Dict[str, object] = {"stop": stop, "title": lesson.title, "rip": record["rip"],
                                    "cr3": regs["cr3"], "paging": bool(regs["cr0"] & x86.CR0_PG),
                                    "where": record.get("where"), "lesson": lesson.text,
@@ -318,8 +320,8 @@ class WalkthroughCommand(XenCommand):
         if stop == bs.ENTRY:
             emit(wt.load_base_line(xen))
         emit(wt.wrap(lesson.text))
-        with target().phys_mode():
-            w, why = stop_walk(xen, session.plan, lesson, regs)
+        with self.ctx.target.phys_mode():
+            w, why = stop_walk(self.ctx, xen, session.plan, lesson, regs)
             emit("")
             emit(f"-- {lesson.walk_title}")
             if w is None:
@@ -329,7 +331,7 @@ class WalkthroughCommand(XenCommand):
                 item["walk"] = wt.walk_record(xen, w, lesson.walk_title,
                                               entry_note=_entry_note(xen))
             if stop == bs.ENTRY:
-                comp = entry_comparison(xen, regs)
+                comp = entry_comparison(self.ctx, xen, regs)
                 emit("")
                 emit(comparison_text(xen, comp))
                 item["comparison"] = comparison_dict(xen, comp)
@@ -345,11 +347,11 @@ class WalkthroughCommand(XenCommand):
             emit(f"checks not made here: {record['error']}")
             item["checks_error"] = record["error"]
         if args.svg_dir is not None:
-            item["svg"] = _write_svg(args.svg_dir, number, stop, xen, regs)
+            item["svg"] = _write_svg(self.ctx, args.svg_dir, number, stop, xen, regs)
             if item["svg"]:
                 emit(f"diagram: {item['svg']}")
         return item
 
 
-def install() -> None:
-    WalkthroughCommand()
+def install(ctx) -> None:
+    WalkthroughCommand(ctx)

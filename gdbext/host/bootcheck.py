@@ -29,12 +29,18 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from . import paths
-from .core import junit
-from .core import bootstops
-from .core.bootstops import START_XEN
-from .core.errors import GdbextError
-from .core.xensyms import load_xen_syms
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from .. import paths
+from ..core import junit
+from ..core import bootstops
+from ..core.bootstops import START_XEN
+from ..core.errors import GdbextError
+from ..core.xensyms import load_xen_syms
+from ..core.xenimage import parse_build_id_note
+from .gdbdriver import GdbCommandError, GdbSession
+from .lab import Lab, LabConfig
 
 PROG = "xen-boot-check"
 DEFAULT_TIMEOUT_S = 120.0
@@ -192,11 +198,6 @@ def planned_stops(args: argparse.Namespace) -> List[str]:
 def image_build_id(path: Path) -> Optional[bytes]:
     """The GNU build-id note of the Xen image GRUB loads (xen.gz: gzip of an ELF32
     made by mkelf32 that carries xen-syms' note), or None if it has none."""
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
-
-    from .core.xenimage import parse_build_id_note
-
     try:
         data = Path(path).read_bytes()
         if data[:2] == GZIP_MAGIC:
@@ -267,9 +268,6 @@ class BootCheck:
 
     def run(self) -> dict:
         args = self.args
-        from .gdbdriver import GdbCommandError, GdbSession
-        from .lab import Lab, LabConfig
-
         _check_file(args.xen_syms, "xen-syms")
         _check_file(args.xen, "the Xen image")
         if args.xen is not None:
@@ -326,7 +324,6 @@ class BootCheck:
         return self.report
 
     def _step(self, command: str, timeout: float, what: str):
-        from .gdbdriver import GdbCommandError
         try:
             return self.gdb.execute(command, timeout=timeout)
         except GdbCommandError as e:

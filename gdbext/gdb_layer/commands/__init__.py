@@ -1,0 +1,1 @@
+"""gdbext's commands, one module per family; each module is a leaf with ``install(ctx)``."""

@@ -1,0 +1,81 @@
+"""Run the guest until Xen executes a symbol, at its load address or its linked address.
+
+``xen-run-to`` and the ``xen-mb2-break`` session both start here. Where the
+breakpoints go and what a stop there means are ``core.runto``'s decisions (see
+its module doc for why several load bases are guessed); this module plants them,
+continues, and resets the machine once if the load base was missed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import gdb
+
+from ..core import runto
+from ..core.errors import GdbextError
+
+
+def run_to(ctx, symbol: str, timeout: float, load_base: Optional[int] = None,
+           allow_reset: bool = True) -> dict:
+    """Continue until Xen executes ``symbol``; records B in the context when the stop
+    is at the load address. Returns the JSON result of xen-run-to."""
+    syms = ctx.require_syms()
+    t = ctx.target
+    if load_base is None:
+        load_base = ctx.xen.load_base
+    p = runto.first_plan(syms, symbol, load_base, t.main_ram() if load_base is None else ())
+    started = time.monotonic()
+    timeout_at = started + timeout
+    false_hits = 0
+    resets = 0
+    while True:
+        breakpoints = []
+        try:
+            for addr in p.addresses:
+                breakpoints.append(ctx.quiet_breakpoint(addr))
+            while True:
+                rip = ctx.continue_until(timeout_at, symbol)
+                hit = runto.classify_hit(p, rip, ctx.bytes_at(rip, runto.VERIFY_BYTES))
+                if hit == runto.HIT_ELSEWHERE:
+                    # Stopped for another reason (the user's breakpoint, a signal): hand over.
+                    raise GdbextError(f"stopped at {rip:#x} before reaching {symbol}")
+                if hit != runto.HIT_FALSE:
+                    break
+                false_hits += 1
+        finally:
+            ctx.delete_breakpoints(breakpoints)
+        if hit == runto.HIT_TARGET:
+            break
+        # Xen is past its load-address code: learn B from what trampoline_setup stored.
+        base = runto.missed_base_from(
+            ctx.bytes_at(syms.linked_va("xen_phys_start"), 8))
+        if not base:
+            raise GdbextError(f"Xen reached {runto.SENTINEL_SYMBOL} without stopping at "
+                              f"{symbol}, and xen_phys_start cannot be read")
+        ctx.set_load_base(base, f"xen_phys_start at {runto.SENTINEL_SYMBOL}")
+        if not runto.runs_only_at_load_address(syms, symbol):
+            # It runs at its linked address from here on: wait for that alone.
+            p = runto.plan(syms, symbol, [], with_sentinel=False)
+            continue
+        if not allow_reset or resets:
+            raise GdbextError(
+                f"missed {symbol}: Xen's load base {base:#x} was not among the "
+                f"{p.candidates} likeliest; Xen is now at {runto.SENTINEL_SYMBOL}. Reset the "
+                f"machine and run 'xen-run-to {symbol} --base {base:#x}'")
+        gdb.write(f"xen-run-to: load base {base:#x} was not among the {p.candidates} "
+                  "likeliest; resetting the machine (monitor system_reset) to stop there on "
+                  "the next boot\n")
+        t.monitor("system_reset")
+        t.invalidate()
+        resets += 1
+        p = runto.plan(syms, symbol, [base])
+    result = {"symbol": symbol, "rip": rip, "linked_va": p.linked_va, "at": "linked",
+              "load_base": ctx.xen.load_base, "false_hits": false_hits, "resets": resets,
+              "candidates": p.candidates, "seconds": round(time.monotonic() - started, 3)}
+    if rip != p.linked_va:
+        base = p.base_by_address[rip]
+        ctx.set_load_base(base, f"RIP at {symbol}")
+        result.update(at="load address", load_base=base)
+    return result

@@ -1,0 +1,82 @@
+"""gdbext's GDB settings: ``set xen-maxphyaddr``, ``set xen-phys-read``,
+``set xen-ignore-build-id``. Each parameter writes its value into the context's
+``settings`` (and the phys-read method into its target), where the rest reads it."""
+
+from __future__ import annotations
+
+import gdb
+
+
+class MaxPhyAddr(gdb.Parameter):
+    """Physical-address width (MAXPHYADDR) used to find reserved bits in entries.
+
+GDB cannot read CPUID through QEMU's gdbstub. The default 52 is the architectural
+maximum and never reports a false fault; set it to the guest CPU's width (QEMU's
+TCG CPUs have 40 unless -cpu ...,phys-bits=N) to catch entries above it."""
+
+    set_doc = "Set the physical-address width used by gdbext's page walks."
+    show_doc = "Show the physical-address width used by gdbext's page walks."
+
+    def __init__(self, ctx) -> None:
+        super().__init__("xen-maxphyaddr", gdb.COMMAND_DATA, gdb.PARAM_ZUINTEGER)
+        self.ctx = ctx
+        self.value = ctx.settings.maxphyaddr
+
+    def get_set_string(self) -> str:
+        if not 32 <= int(self.value) <= 52:
+            bad = self.value
+            self.value = self.ctx.settings.maxphyaddr
+            raise gdb.GdbError(f"xen-maxphyaddr must be between 32 and 52, not {bad}")
+        self.ctx.settings.maxphyaddr = int(self.value)
+        return ""
+
+
+class PhysRead(gdb.Parameter):
+    """How gdbext reads guest physical memory.
+
+auto: QEMU's Qqemu.PhyMemMode packet when the stub has it, else 'monitor xp'.
+packet: always the packet (fast; also needed by xen-l4merge-apply to write).
+monitor-xp: always 'monitor xp' (slower; for stubs without the packet, or to check
+one reading against the other)."""
+
+    set_doc = "Set how gdbext reads guest physical memory."
+    show_doc = "Show how gdbext reads guest physical memory."
+    METHODS = {"auto": None, "packet": "phymem", "monitor-xp": "xp"}
+
+    def __init__(self, ctx) -> None:
+        super().__init__("xen-phys-read", gdb.COMMAND_DATA, gdb.PARAM_ENUM,
+                         list(self.METHODS))
+        self.ctx = ctx
+        self.value = ctx.settings.phys_read
+
+    def get_set_string(self) -> str:
+        self.ctx.settings.phys_read = self.value
+        self.ctx.target.force_method(self.METHODS[self.value])
+        return ""
+
+
+class IgnoreBuildId(gdb.Parameter):
+    """Use xen-syms even when its build-id differs from the Xen image in guest memory.
+
+Off by default: with symbols of another build, every name, table and pointer class
+gdbext prints would be wrong, so Xen-specific results are refused with a one-line
+error naming both build-ids. Turn it on only if you know the two builds lay out
+the same (e.g. you rebuilt with a changed build-id only)."""
+
+    set_doc = "Set whether gdbext uses xen-syms whose build-id does not match guest memory."
+    show_doc = "Show whether gdbext uses xen-syms whose build-id does not match guest memory."
+
+    def __init__(self, ctx) -> None:
+        super().__init__("xen-ignore-build-id", gdb.COMMAND_DATA, gdb.PARAM_BOOLEAN)
+        self.ctx = ctx
+        self.value = ctx.settings.ignore_build_id
+
+    def get_set_string(self) -> str:
+        self.ctx.settings.ignore_build_id = bool(self.value)
+        return ""
+
+
+def install(ctx) -> None:
+    for cls in (MaxPhyAddr, PhysRead, IgnoreBuildId):
+        cls(ctx)
+
