@@ -1,7 +1,9 @@
 """gdbext: see and check x86-64 page tables while Xen boots under QEMU.
 
-The package splits into ``gdbext.core`` (pure Python, never imports ``gdb``)
-and ``gdbext.gdb_layer`` (thin GDB front end, imported only inside GDB).
+Three worlds: ``gdbext.core`` (pure Python, never imports ``gdb``: the models,
+checks and every decision), ``gdbext.gdb_layer`` (inside GDB: the one context and
+the commands, thin glue over the core) and ``gdbext.host`` (programs outside GDB:
+the lab, the GDB driver, xen-boot-check, the demo, the benchmarks).
 """
 
 __version__ = "0.1.0"
