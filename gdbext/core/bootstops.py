@@ -255,8 +255,8 @@ class StopPlan:
                skip: Optional[Iterable[str]] = None) -> List[BootStop]:
         """The stops to plant, in boot order. Unknown names raise one line naming them."""
         known = set(STOP_ORDER)
-        want = _norm_names(stops) if stops is not None else None
-        drop = _norm_names(skip) if skip is not None else []
+        want = [stop_name(n) for n in _norm_names(stops)] if stops is not None else None
+        drop = [stop_name(n) for n in _norm_names(skip)] if skip is not None else []
         bad = [n for n in (want or []) + drop if n not in known]
         if bad:
             raise GdbextError(
@@ -275,6 +275,19 @@ class StopPlan:
                 "merge": self.merge_site.as_dict() if self.merge_site else None,
                 "stops": [s.as_dict(load_base, trampoline_phys) for s in self.stops],
                 "notes": list(self.notes)}
+
+
+def typed_stop_name(name: str) -> str:
+    """A stop's name as typed in one word (TAB completion): spaces as dashes."""
+    return name.replace(" ", "-")
+
+
+def stop_name(typed: str) -> str:
+    """The stop a user means by ``typed``: its name, or its one-word form."""
+    for name in STOP_ORDER:
+        if typed == typed_stop_name(name):
+            return name
+    return typed
 
 
 def _norm_names(names: Iterable[str]) -> List[str]:

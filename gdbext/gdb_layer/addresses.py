@@ -18,6 +18,7 @@ import re
 from typing import Optional, Tuple
 
 from ..core.errors import GdbextError
+from ..core.suggest import did_you_mean
 from .command import eval_int
 
 SYNTAX_HELP = ("a GDB expression, or a Xen symbol from xen-syms: 'efi_multiboot2' or "
@@ -33,6 +34,8 @@ _XEN_ADDRESS = re.compile(
     r"^\s*(?P<name>(?:[\w./-]+#)?[A-Za-z_.][\w.]*)"
     r"\s*(?:(?P<sign>[+-])\s*(?P<off>0[xX][0-9a-fA-F]+|\d+))?"
     r"\s*(?P<pa>@pa)?\s*$")
+# The offset written after '@pa' (efi_multiboot2@pa+0x10): the accepted form puts it first.
+_PA_THEN_OFFSET = re.compile(r"^\s*(?P<name>[^@\s]+)\s*@pa\s*(?P<off>[+-]\s*\S+)\s*$")
 
 
 def split_xen_address(text: str) -> Optional[Tuple[str, int, bool]]:
@@ -50,6 +53,11 @@ def xen_address(ctx, text: str, what: str = "address") -> Optional[Tuple[int, bo
     """(value, is_pa) if ``text`` names a Xen symbol of ``ctx`` (the context); None if not."""
     parts = split_xen_address(text)
     if parts is None:
+        m = _PA_THEN_OFFSET.match(text)
+        if m is not None:
+            off = m.group("off").replace(" ", "")
+            raise GdbextError(f"{what} '{text.strip()}': the offset goes before '@pa': write "
+                              f"'{m.group('name')}{off}@pa'")
         if text.strip().endswith(PA_SUFFIX):
             raise GdbextError(f"{what} '{text.strip()}': '@pa' follows a Xen symbol only "
                               "(SYMBOL@pa or SYMBOL+0x10@pa)")
@@ -59,7 +67,7 @@ def xen_address(ctx, text: str, what: str = "address") -> Optional[Tuple[int, bo
     if syms is None or name not in syms:
         if at_pa:
             where = "no Xen symbols are loaded (xen-syms PATH)" if syms is None else \
-                f"no symbol {name!r} in {syms.path}"
+                f"no symbol {name!r} in {syms.path}" + did_you_mean(syms.by_name, name)
             raise GdbextError(f"{what} '{text.strip()}': {where}")
         return None
     va = syms.linked_va(name) + off
@@ -77,7 +85,18 @@ def parse_address(ctx, text: str, what: str = "address", space: str = "va") -> i
     context). ``space`` is what the command wants: "va" (a virtual address) or "pa"."""
     hit = xen_address(ctx, text, what)
     if hit is None:
-        return eval_int(text, what)
+        parts = split_xen_address(text)
+        syms = ctx.xen.syms
+        if parts is None or syms is None:
+            return eval_int(text, what)
+        try:
+            return eval_int(text, what)
+        except GdbextError:
+            # A name that is neither Xen's nor GDB's: GDB's own message ("No symbol table
+            # is loaded") would mislead while xen-syms is loaded; say what is close.
+            raise GdbextError(f"{what} '{text.strip()}': no symbol {parts[0]!r} in "
+                              f"{syms.path} nor in GDB"
+                              + did_you_mean(syms.by_name, parts[0])) from None
     value, is_pa = hit
     if space == "pa" and not is_pa:
         raise GdbextError(f"{what} '{text.strip()}' is a Xen symbol, i.e. a linked virtual "

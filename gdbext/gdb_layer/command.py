@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import gdb
 
@@ -100,6 +100,11 @@ class XenCommand(gdb.Command):
 
     name = ""
     summary = ""
+    # What TAB completes for the positional arguments ("address": Xen's symbols, then
+    # GDB's; "file": file names; None: nothing) and for option values (option ->
+    # a kind the context names: "address", "pa-address", "stop", "check", "root").
+    complete_positional: Optional[str] = None
+    complete_values: Dict[str, str] = {}
 
     def __init__(self, ctx) -> None:
         self.ctx = ctx
@@ -118,6 +123,48 @@ class XenCommand(gdb.Command):
 
     def run(self, args: argparse.Namespace, from_tty: bool) -> None:
         raise NotImplementedError
+
+    def complete(self, text: str, word: str):
+        """TAB: option names, option values (choices, stop names, check ids, Xen
+        symbols) and the positional arguments' kind (``complete_positional``)."""
+        try:
+            return self._complete(text, word or "")
+        except Exception:     # a completer must never raise into GDB's prompt
+            return []
+
+    def _complete(self, text: str, word: str):
+        tokens = text.split()
+        current = "" if not tokens or text[-1:].isspace() else tokens[-1]
+        previous = tokens[-1] if current == "" and tokens else (
+            tokens[-2] if len(tokens) >= 2 else "")
+        # GDB replaces only ``word`` (its word-break characters include '-' and '.'):
+        # return each candidate without the part of the token before ``word``.
+        head = current[:len(current) - len(word)] if current.endswith(word) else ""
+        options = {opt: action for opt, action in self.parser._option_string_actions.items()}
+        kind = None
+        if current.startswith("-"):
+            candidates = sorted(o for o in options if o.startswith("--"))
+        elif previous in options and options[previous].nargs != 0:
+            action = options[previous]
+            if action.choices:
+                candidates = sorted(str(c) for c in action.choices)
+            else:
+                kind = self.complete_values.get(previous)
+                if kind is None:
+                    return []
+                candidates = None
+        else:
+            kind = self.complete_positional
+            if kind is None:
+                return []
+            if kind == "file":
+                return gdb.COMPLETE_FILENAME
+            candidates = None
+        if candidates is None:
+            candidates = self.ctx.completion_names(kind, current)
+            if candidates is None:
+                return gdb.COMPLETE_EXPRESSION
+        return [c[len(head):] for c in candidates if c.startswith(current)]
 
     def invoke(self, arg: str, from_tty: bool) -> None:
         try:

@@ -24,11 +24,11 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import gdb
 
-from ..core import locate, merge_here, paging, x86, xenimage
+from ..core import bootstops, l4merge, locate, merge_here, paging, suggest, x86, xenimage
 from ..core.errors import GdbextError
 from ..core.paging import MODES, PagingContext
 from ..core.walknames import Situation
@@ -302,6 +302,23 @@ class Context:
                       gdb_symbols=sorted(self.xen.gdb_symbols),
                       seconds=round(time.perf_counter() - started, 3))
         return result
+
+    def completion_names(self, kind: str, prefix: str) -> Optional[List[str]]:
+        """What TAB offers for a value of ``kind`` starting with ``prefix``; None: leave
+        it to GDB's own expression completion (no Xen symbols loaded)."""
+        if kind == "stop":
+            return suggest.completions(map(bootstops.typed_stop_name, bootstops.STOP_ORDER),
+                                       prefix)
+        if kind == "check":
+            return suggest.completions(l4merge.CHECK_IDS, prefix.upper())
+        syms = self.xen.syms
+        fixed = list(MERGE_ROOTS) + ["cr3"] if kind == "root" else []
+        if syms is None:
+            return suggest.completions(fixed, prefix) if fixed else None
+        names = suggest.completions(syms.by_name, prefix.split("@")[0])
+        if kind in ("pa-address", "root"):
+            names = [n + "@pa" for n in names]
+        return suggest.completions(fixed, prefix) + names
 
     # -- GDB's own symbol tables -------------------------------------------------------
 

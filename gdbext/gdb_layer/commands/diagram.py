@@ -17,6 +17,7 @@ from ..drawing import write_diagram
 class DiagramCommand(XenCommand):
     name = "diagram"
     summary = "Draw the page-table tree from an L4 as a picture (SVG and/or Graphviz DOT)."
+    complete_values = {"--root": "root"}
 
     def make_parser(self) -> CommandParser:
         p = CommandParser(

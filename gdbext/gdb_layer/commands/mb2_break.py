@@ -28,6 +28,8 @@ class Mb2BreakCommand(XenCommand):
     name = "mb2-break"
     summary = ("Stop at each step of Xen's multiboot2+EFI boot around __efi64_mb2_start and "
                "report CR3, the tables and the checks there.")
+    complete_values = {"--stops": "stop", "--skip-stops": "stop", "--only": "check",
+                       "--skip": "check"}
 
     def make_parser(self) -> CommandParser:
         p = CommandParser(

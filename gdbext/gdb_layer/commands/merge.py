@@ -38,6 +38,8 @@ class L4MergeCheckCommand(XenCommand):
     name = "l4merge-check"
     summary = ("Check the RFC's merged L4 (call efi_multiboot2 at its linked address) "
                "against invariants I0-I13.")
+    complete_values = {"--only": "check", "--skip": "check", "--table": "pa-address",
+                       "--firmware-root": "pa-address"}
 
     def make_parser(self) -> CommandParser:
         p = CommandParser(

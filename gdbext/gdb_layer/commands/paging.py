@@ -91,6 +91,7 @@ def _filter(ranges: List[paging.Range], args) -> List[paging.Range]:
 class PtCommand(XenCommand):
     name = "pt"
     summary = "Dump the page-table tree (from CR3 or any table) as coalesced ranges."
+    complete_values = {"--range": "address", "--root": "root"}
 
     def make_parser(self) -> CommandParser:
         p = CommandParser(
@@ -191,6 +192,8 @@ def _xen_keys(loaded, xen_note: Optional[str]) -> Dict[str, object]:
 class Va2paCommand(XenCommand):
     name = "va2pa"
     summary = "Translate a virtual address, showing every level of the walk."
+    complete_positional = "address"
+    complete_values = {"--root": "root"}
 
     def make_parser(self) -> CommandParser:
         p = CommandParser(description=self.summary + " The layout follows Xen's "
@@ -235,6 +238,8 @@ class Va2paCommand(XenCommand):
 class Pa2vaCommand(XenCommand):
     name = "pa2va"
     summary = "List every virtual address that maps a physical address."
+    complete_positional = "pa-address"
+    complete_values = {"--root": "root"}
 
     def make_parser(self) -> CommandParser:
         p = CommandParser(description=self.summary,

@@ -24,6 +24,7 @@ from ..run_to import run_to
 class SymsCommand(XenCommand):
     name = "syms"
     summary = "Load Xen's symbols from xen-syms (or an nm-format .map file)."
+    complete_positional = "file"
 
     def make_parser(self) -> CommandParser:
         p = CommandParser(description=self.summary + " Without PATH, show what is loaded.",
@@ -67,6 +68,7 @@ class SymsCommand(XenCommand):
 class RunToCommand(XenCommand):
     name = "run-to"
     summary = "Continue until Xen executes SYMBOL, at its load address or its linked address."
+    complete_positional = "address"
 
     def make_parser(self) -> CommandParser:
         p = CommandParser(
@@ -103,6 +105,7 @@ class RunToCommand(XenCommand):
 class LocateCommand(XenCommand):
     name = "locate"
     summary = "Find Xen's load base B in guest memory and say how it was found."
+    complete_values = {"--base": "pa-address"}
 
     def make_parser(self) -> CommandParser:
         p = CommandParser(
