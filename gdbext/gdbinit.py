@@ -35,7 +35,7 @@ def _gdbext_load():
     if repo not in sys.path:
         sys.path.insert(0, repo)
     missing = []
-    for module, package in (("pygments", "pygments"), ("tabulate", "tabulate"),
+    for module, package in (("tabulate", "tabulate"),
                             ("elftools", "pyelftools")):
         try:
             __import__(module)

@@ -526,6 +526,11 @@ def _linked_stretch(syms, va: int) -> str:
     return AFTER_START_XEN
 
 
+def past_high_start(syms, rip: int) -> bool:
+    """RIP is in __high_start or later (not the RFC's efi_multiboot2 at its linked VA)."""
+    return where_in_boot(syms, None, rip) in (HIGH_START, START_XEN, AFTER_START_XEN)
+
+
 def stop_at(plan: StopPlan, load_base: Optional[int], rip: int,
             trampoline_phys: Optional[int] = None) -> Optional[BootStop]:
     """The planned stop whose address is ``rip``, if any."""

@@ -37,7 +37,8 @@ class SessionOptions:
     keep_going: bool = False              # batch: go on after a failed check
     timeout: float = 120.0                # the longest each wait may take
     json: bool = False
-    color: bool = False
+    color: bool = False                   # text reports coloured (a person's terminal)
+    width: Optional[int] = None           # text reports fitted to this width
 
 
 @dataclass
@@ -193,9 +194,3 @@ def failed(record: dict) -> bool:
 def failed_checks(result: dict) -> List[str]:
     return [f"{c['id']} at {r['stop']}" for r in result["stops"] for c in r["checks"]
             if c["status"] == l4merge.FAIL]
-
-
-def past_high_start(syms, rip: int) -> bool:
-    """RIP is in __high_start or later (not the RFC's efi_multiboot2 at its linked VA)."""
-    return where_in_boot(syms, None, rip) in (bootstops.HIGH_START, bootstops.START_XEN,
-                                              bootstops.AFTER_START_XEN)

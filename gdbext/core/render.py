@@ -1,13 +1,15 @@
 """Text and JSON renderers for walks, range lists and register reports.
 
-Renderers return strings; the GDB layer prints them. Colour (pygments) is only
-added when the caller says the output is a terminal. JSON is one line, integers
-as numbers.
+Renderers return strings; the GDB layer prints them. Colour (``highlight``) and
+wrapping to GDB's width (``fit_width``) are only applied when the GDB layer says the
+output is a person's terminal. JSON is one line, integers as numbers.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import textwrap
 from typing import Callable, Dict, List, Optional, Sequence
 
 from tabulate import tabulate
@@ -20,17 +22,79 @@ from .paging import (ATTR_NX, ATTR_U, ATTR_W, Enumeration, EntryInfo, Note, Rang
 Namer = Callable[[int], Optional[str]]
 
 
+HEX_SUFFIX = "_hex"
+
+
+def with_hex(obj: object) -> object:
+    """``obj`` with a ``KEY_hex`` string ("0xffff82d0403e6980") beside every integer
+    field ``KEY`` (and a list of strings beside every list of integers): JSON readers
+    that hold numbers as doubles (jq, JavaScript) lose the low bits of upper-half
+    addresses, the strings keep them. The numbers stay as they are."""
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            out[key] = with_hex(value)
+            hexed = _hex_of(value)
+            if hexed is not None and isinstance(key, str) and \
+                    not key.endswith(HEX_SUFFIX) and key + HEX_SUFFIX not in obj:
+                out[key + HEX_SUFFIX] = hexed
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [with_hex(v) for v in obj]
+    return obj
+
+
+def _hex_of(value: object):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return hex(value)
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return [hex(v) for v in value]
+    return None
+
+
 def to_json(obj: object) -> str:
-    return json.dumps(obj, separators=(",", ":"), sort_keys=False)
+    """One line of JSON, every integer also as a hex string (``with_hex``)."""
+    return json.dumps(with_hex(obj), separators=(",", ":"), sort_keys=False)
 
 
-def colorize(text: str, lexer: str = "text") -> str:
-    """Terminal colours via pygments; callers only use it when on a terminal."""
-    from pygments import highlight
-    from pygments.formatters import TerminalFormatter
-    from pygments.lexers import get_lexer_by_name
+# Colours for a person at a terminal (ANSI SGR), by what a word says: a check's
+# status, a pointer's class, a fault. Nothing else is coloured.
+ANSI_RESET = "\x1b[0m"
+_GOOD, _BAD, _WARN, _DIM = "\x1b[32m", "\x1b[1;31m", "\x1b[33m", "\x1b[2m"
+_HIGHLIGHT = re.compile(
+    r"(?<![\w-])(PASS|FAIL|WARN|SKIP|MISMATCH|relocated-twice|unrelocated|relocated|foreign|"
+    r"not present|not mapped|faults?|#[A-Z]{2}|error|warning)(?![\w-])")
+_COLOUR = {"PASS": _GOOD, "relocated": _GOOD, "WARN": _WARN, "warning": _WARN,
+           "SKIP": _DIM, "foreign": _WARN}
 
-    return highlight(text, get_lexer_by_name(lexer), TerminalFormatter()).rstrip("\n")
+
+def highlight(text: str) -> str:
+    """``text`` with statuses, pointer classes and faults coloured (ANSI)."""
+    def paint(m: "re.Match[str]") -> str:
+        word = m.group(1)
+        return f"{_COLOUR.get(word, _BAD)}{word}{ANSI_RESET}"
+    return _HIGHLIGHT.sub(paint, text)
+
+
+def fit_width(text: str, width: Optional[int]) -> str:
+    """Lines longer than ``width`` wrapped at spaces, the rest of a line indented under
+    its own start (evidence under its row, not a wider table); None: as is."""
+    if not width or width < 20:
+        return text
+    out: List[str] = []
+    for line in text.split("\n"):
+        if len(line) <= width:
+            out.append(line)
+            continue
+        if set(line) <= set("-= "):
+            out.append(line[:width].rstrip())    # a table's rule: as wide as the screen
+            continue
+        indent = " " * (len(line) - len(line.lstrip()) + 4)
+        out.extend(textwrap.wrap(line, width=width, subsequent_indent=indent,
+                                 break_long_words=False, break_on_hyphens=False,
+                                 drop_whitespace=True) or [line])
+    return "\n".join(out)
 
 
 def hex16(value: int) -> str:
@@ -48,21 +112,28 @@ def range_dict(r: Range) -> Dict[str, object]:
 
 def ranges_json(en: Enumeration, ranges: Sequence[Range], truncated: int = 0,
                 namer: Optional[Namer] = None, extra: Optional[Dict[str, object]] = None) -> str:
-    """``namer`` adds a "maps" key to each range (what its PA start is); ``extra``
-    adds top-level keys (e.g. the load base the names were computed at)."""
+    """``ranges_report`` as one line of JSON."""
+    return to_json(ranges_report(en, ranges, truncated, namer, extra))
+
+
+def ranges_report(en: Enumeration, ranges: Sequence[Range], truncated: int = 0,
+                  namer: Optional[Namer] = None, extra: Optional[Dict[str, object]] = None
+                  ) -> Dict[str, object]:
+    """xen-pt's report: ``namer`` adds a "maps" key to each range (what its PA start
+    is); ``extra`` adds top-level keys (e.g. the load base the names were computed at)."""
     def one(r: Range) -> Dict[str, object]:
         d = range_dict(r)
         if namer is not None:
             d["maps"] = namer(r[2])
         return d
 
-    return to_json({
+    return {
         "root": en.root, "mode": en.mode,
         "ranges": [one(r) for r in ranges],
         "notes": [n.as_dict() for n in en.notes],
         "truncated": truncated,
         **(extra or {}),
-    })
+    }
 
 
 def ranges_table(ranges: Sequence[Range], namer: Optional[Namer] = None) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import xenimage
+from . import bootstops, xenimage
 
 # Bytes compared at a candidate stop: enough to make a chance match impossible.
 VERIFY_BYTES = xenimage.CODE_VERIFY_BYTES
@@ -110,3 +110,31 @@ def runs_only_at_load_address(syms, symbol: str) -> bool:
 def missed_base_from(raw: bytes) -> int:
     """B from the 8 bytes of xen_phys_start read at __high_start (0: unreadable)."""
     return int.from_bytes(raw, "little") if len(raw) == 8 else 0
+
+
+ENTRY_SYMBOL = "__efi64_mb2_start"   # Xen's first instruction on the multiboot2+EFI path
+
+# Where the symbol lies from the CPU's current place in this boot.
+BEHIND = "behind"      # it ran already and never runs again in this boot: boot again
+UNKNOWN = "unknown"    # cannot tell (continue; the sentinel tells later)
+
+
+def where_from_here(syms, symbol: str, rip: Optional[int], load_base: Optional[int]) -> str:
+    """Whether continuing can reach ``symbol`` from RIP, for code that runs only at its
+    load address: behind once Xen runs at its linked addresses from __high_start on,
+    and behind anywhere in the image at the load address past Xen's first instruction
+    when the symbol is that first instruction (the multiboot2+EFI entry)."""
+    if rip is None or not runs_only_at_load_address(syms, symbol):
+        return UNKNOWN
+    if syms.in_image(rip):
+        # At a linked address: from __high_start on (not the RFC's call at the linked VA).
+        return BEHIND if bootstops.past_high_start(syms, rip) else UNKNOWN
+    if load_base is None:
+        return UNKNOWN
+    here = rip - load_base
+    image = (syms.offset(syms.image_start), syms.offset(syms.image_end))
+    if not image[0] <= here < image[1]:
+        return UNKNOWN
+    if symbol == ENTRY_SYMBOL and here != syms.offset(symbol):
+        return BEHIND         # anywhere else in the image, the entry has run
+    return UNKNOWN

@@ -45,5 +45,6 @@ def install() -> bool:
         module.install(CONTEXT)
     functions.install(CONTEXT)
     CONTEXT.connect_events()
+    CONTEXT.adopt_gdb_file()      # 'gdb xen-syms': the exec file is a Xen build
     _INSTALLED = True
     return True

@@ -25,7 +25,7 @@ import gdb
 from ..core import bootstops, render, x86
 from ..core.bootstops import ENTRY, LOW, BootStop, TablesSnapshot, diff_snapshots, qwords
 from ..core.errors import GdbextError, MemoryReadError
-from ..core.mb2session import VERIFY_BYTES, SessionBook, SessionOptions, past_high_start
+from ..core.mb2session import VERIFY_BYTES, SessionBook, SessionOptions, failed
 from ..core.merge_here import CheckRequest
 from ..core.xenimage import LoadedXen
 from .merge_live import check_here, remember_firmware
@@ -37,8 +37,9 @@ PAGE = x86.PAGE_SIZE
 class BootSession:
     """One run of xen-mb2-break (or the walkthrough): the book, the planted breakpoints."""
 
-    def __init__(self, ctx, syms, options: SessionOptions):
+    def __init__(self, ctx, syms, options: SessionOptions, who: str = "xen-mb2-break"):
         self.ctx = ctx
+        self.who = who          # the command driving it, in what it says
         self.syms = syms
         self.options = options
         self.book = SessionBook(bootstops.plan_for(syms), options)
@@ -178,16 +179,9 @@ class BootSession:
         rip = ctx.register("rip")
         base = ctx.xen.load_base
         at_entry = base is not None and rip == entry.address(base)
-        if not at_entry and rip is not None and past_high_start(self.syms, rip):
-            # Xen never comes back to its entry in this boot (and xen-run-to's
-            # __high_start sentinel is behind it): boot again, as xen-run-to does.
-            if announce:
-                gdb.write("xen-mb2-break: Xen is past __high_start; resetting the machine "
-                          "(monitor system_reset) to stop at its entry on the next boot\n")
-            t.monitor("system_reset")
-            t.invalidate()
         if not at_entry:
-            run_to(ctx, ENTRY, timeout)
+            # Past the entry in this boot, run_to says so and boots again first.
+            run_to(ctx, ENTRY, timeout, who=self.who, announce=announce)
         self.book.load_base = ctx.xen.load_base
         self.xen = LoadedXen(self.syms, self.book.load_base)
         t.invalidate()
@@ -212,6 +206,32 @@ class BootSession:
             record = self.at_stop(rip)
             if record is not None:
                 return record
+
+    def run_batch(self) -> dict:
+        """Continue through every selected stop (the entry already recorded by
+        ``start``), printing each record unless JSON was asked for; stop after a failed
+        check unless ``keep_going``; always remove the breakpoints. The session's result
+        (an error in it, never raised: the caller decides)."""
+        book, opts = self.book, self.options
+        self.batch_running = True
+        try:
+            if not opts.json:
+                for r in self.records:
+                    self.print_record(r)
+            stopped_on_fail = bool(self.records) and failed(self.records[-1]) \
+                and not opts.keep_going
+            while not stopped_on_fail and book.more_to_come():
+                record = self.next_stop(opts.timeout)
+                if not opts.json:
+                    self.print_record(record)
+                if failed(record) and not opts.keep_going:
+                    stopped_on_fail = True
+        except GdbextError as err:
+            book.error = str(err)
+        finally:
+            self.batch_running = False
+            self.finish()
+        return book.result()
 
     # -- interactive mode: reports from GDB's stop event -----------------------------------
 
@@ -248,6 +268,7 @@ class BootSession:
             return
         text = bootstops.record_text(record, len(self.records), len(self.selected),
                                      self.load_base)
+        text = render.fit_width(text, self.options.width)
         if self.options.color:
-            text = render.colorize(text, "text")
+            text = render.highlight(text)
         gdb.write(text + "\n")

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Dict, List, Optional
 
 import gdb
 
 from ..core.errors import GdbextError
 from ..core.paging import MODES
+from ..core.render import fit_width, highlight, to_json
 
 PREFIX = "xen"
 
@@ -82,8 +82,21 @@ def eval_int(expr: str, what: str = "address") -> int:
         raise GdbextError(f"cannot evaluate {what} '{expr}': {one_line(err)}") from None
 
 
+def terminal_output(from_tty: bool) -> bool:
+    """A person reads this at a terminal: typed at the prompt, GDB's stdout is a tty.
+    (Inside GDB ``sys.stdout`` is GDB's own stream and never a tty; fd 1 is the truth.
+    Programs that drive GDB over a pipe get plain, unwrapped text.)"""
+    if not from_tty or os.environ.get("TERM") == "dumb":
+        return False
+    try:
+        return os.isatty(1)
+    except OSError:
+        return False
+
+
 def use_color(from_tty: bool) -> bool:
-    """Colour only for a person at a terminal, and never if they asked for none."""
+    """Colour for a person at a terminal, as GDB's own styling: never with NO_COLOR set
+    or 'set style enabled off'."""
     if os.environ.get("NO_COLOR"):
         return False
     try:
@@ -91,7 +104,28 @@ def use_color(from_tty: bool) -> bool:
             return False
     except (gdb.error, RuntimeError):
         pass
-    return bool(from_tty) and sys.stdout.isatty()
+    return terminal_output(from_tty)
+
+
+def output_width(from_tty: bool) -> Optional[int]:
+    """GDB's current width ('show width', read now, not at load time) when a person reads
+    the output at a terminal; None: do not wrap."""
+    if not terminal_output(from_tty):
+        return None
+    try:
+        width = gdb.parameter("width")
+    except (gdb.error, RuntimeError):
+        return None
+    return int(width) if width else None
+
+
+def emit(text: str, from_tty: bool) -> None:
+    """Print a command's text report: fitted to GDB's width and coloured for a person at
+    a terminal, as is otherwise (JSON never goes through here)."""
+    text = fit_width(text, output_width(from_tty))
+    if use_color(from_tty):
+        text = highlight(text)
+    gdb.write(text + "\n")
 
 
 class XenCommand(gdb.Command):
@@ -120,6 +154,11 @@ class XenCommand(gdb.Command):
 
     def make_parser(self) -> CommandParser:
         raise NotImplementedError
+
+    def write_json(self, obj) -> None:
+        """One line of JSON on GDB's stdout (a dict, or text a renderer made)."""
+        self._wrote_json = True
+        gdb.write((obj if isinstance(obj, str) else to_json(obj)) + "\n")
 
     def run(self, args: argparse.Namespace, from_tty: bool) -> None:
         raise NotImplementedError
@@ -167,20 +206,30 @@ class XenCommand(gdb.Command):
         return [c[len(head):] for c in candidates if c.startswith(current)]
 
     def invoke(self, arg: str, from_tty: bool) -> None:
+        self._wrote_json = False
+        wants_json = False
         try:
             argv: List[str] = gdb.string_to_argv(arg)
+            wants_json = "--json" in argv
             args = self.parser.parse_args(argv)
             self.run(args, from_tty)
         except _HelpShown:
             return
         except GdbextError as err:
-            raise gdb.GdbError(str(err)) from None
+            self._fail(str(err), wants_json)
         except KeyboardInterrupt:
-            raise gdb.GdbError(f"{self.parser.prog}: interrupted") from None
-        except gdb.GdbError:
-            raise
+            self._fail(f"{self.parser.prog}: interrupted", wants_json)
+        except gdb.GdbError as err:
+            self._fail(str(err), wants_json)
         except gdb.error as err:
-            raise gdb.GdbError(f"{self.parser.prog}: {one_line(err)}") from None
+            self._fail(f"{self.parser.prog}: {one_line(err)}", wants_json)
+
+    def _fail(self, message: str, wants_json: bool) -> None:
+        """The one-line error; under --json, first a JSON error object for the tool
+        reading stdout (unless the command already printed its report as JSON)."""
+        if wants_json and not self._wrote_json:
+            gdb.write(to_json({"error": message, "command": self.parser.prog}) + "\n")
+        raise gdb.GdbError(message) from None
 
 
 def one_line(err: object) -> str:

@@ -92,6 +92,30 @@ class _Timeout:
         self._timer.cancel()
 
 
+def _user_breakpoint_locations() -> Dict[int, set]:
+    """The addresses each of the user's breakpoints is planted at now."""
+    out = {}
+    for bp in gdb.breakpoints():
+        if bp.number > 0 and bp.type == gdb.BP_BREAKPOINT:
+            out[bp.number] = {loc.address for loc in bp.locations}
+    return out
+
+
+def _keep_user_breakpoints(before: Dict[int, set], kind: str) -> None:
+    """GDB re-resolves every breakpoint when symbols are added: one set on
+    ``efi_multiboot2`` would silently gain a second location at the load address.
+    Keep each user's breakpoint where it was: disable the new locations and say so."""
+    for bp in gdb.breakpoints():
+        if bp.number not in before:
+            continue
+        for i, loc in enumerate(bp.locations, 1):
+            if loc.address not in before[bp.number] and loc.enabled:
+                loc.enabled = False
+                gdb.write(f"gdbext: breakpoint {bp.number} ({bp.location}) also matches "
+                          f"{loc.address:#x} in Xen's symbols at its {kind} address; that "
+                          f"location is disabled ('enable {bp.number}.{i}' to use it)\n")
+
+
 class Context:
     def __init__(self) -> None:
         self.target = GdbTarget()
@@ -120,6 +144,7 @@ class Context:
             registry.connect(t.forget_connection)
         ev.stop.connect(self._on_stop)
         ev.cont.connect(self._on_cont)
+        ev.new_objfile.connect(self._on_new_objfile)
         for name in ("exited", "connection_removed"):
             registry = getattr(ev, name, None)
             if registry is not None:
@@ -134,6 +159,28 @@ class Context:
         self.forget_merge_if_new_boot(pc)
         if self.boot_session is not None:
             self.boot_session.on_stop(event)
+
+    def _on_new_objfile(self, event) -> None:
+        self.adopt_gdb_file(getattr(getattr(event, "new_objfile", None), "filename", None))
+
+    def adopt_gdb_file(self, path: Optional[str] = None) -> None:
+        """``gdb xen-syms`` (or ``file``/``symbol-file`` of a Xen build): take Xen's
+        symbols from the file GDB was given, when gdbext has none yet. The same
+        build-id checks apply once B is known."""
+        if self.xen.syms is not None:
+            return
+        candidates = [path] if path else [o.filename for o in gdb.objfiles()]
+        for filename in candidates:
+            if not filename or not os.path.isfile(filename):
+                continue
+            try:
+                syms = load_xen_syms(filename)
+            except GdbextError:
+                continue   # not a Xen build: GDB's file, not gdbext's business
+            self.xen.syms = syms
+            gdb.write(f"gdbext: Xen {syms.version or ''} symbols from GDB's file {filename} "
+                      "(xen-syms PATH loads others)\n")
+            return
 
     def _on_cont(self, _event) -> None:
         self.merge.ran = True
@@ -373,6 +420,7 @@ class Context:
                 continue  # the user (or an earlier gdbext) already gave GDB these symbols
             opt = f" -o {offset:#x}" if offset else ""
             quoted = f'"{path}"' if any(c.isspace() for c in path) else path
+            before = _user_breakpoint_locations()
             try:
                 gdb.execute(f"with confirm off -- add-symbol-file {quoted}{opt}",
                             to_string=True)
@@ -381,6 +429,7 @@ class Context:
                           gdb.STDERR)
                 return
             self.xen.gdb_symbols[kind] = (path, offset)
+            _keep_user_breakpoints(before, kind)
 
     # -- registers and paging ----------------------------------------------------------
 

@@ -17,19 +17,37 @@ from ..core import runto
 from ..core.errors import GdbextError
 
 
+def _reset(ctx, who: str, why: str, announce: bool) -> None:
+    """Boot again (monitor system_reset), saying so first."""
+    if announce:
+        gdb.write(f"{who}: {why}; resetting the machine (monitor system_reset) to stop "
+                  "there on the next boot\n")
+    ctx.target.monitor("system_reset")
+    ctx.target.invalidate()
+
+
 def run_to(ctx, symbol: str, timeout: float, load_base: Optional[int] = None,
-           allow_reset: bool = True) -> dict:
+           allow_reset: bool = True, who: str = "xen-run-to", announce: bool = True) -> dict:
     """Continue until Xen executes ``symbol``; records B in the context when the stop
-    is at the load address. Returns the JSON result of xen-run-to."""
+    is at the load address. Returns the JSON result of xen-run-to. ``who`` names the
+    command in what it says before it resets the machine."""
     syms = ctx.require_syms()
     t = ctx.target
     if load_base is None:
         load_base = ctx.xen.load_base
-    p = runto.first_plan(syms, symbol, load_base, t.main_ram() if load_base is None else ())
     started = time.monotonic()
     timeout_at = started + timeout
     false_hits = 0
     resets = 0
+    rip = ctx.register("rip")
+    if runto.where_from_here(syms, symbol, rip, load_base) == runto.BEHIND:
+        why = f"Xen is past {symbol} in this boot (RIP {rip:#x})"
+        if not allow_reset:
+            raise GdbextError(f"{why}: it runs only once, at the load address; reset the "
+                              f"machine, or run without --no-reset")
+        _reset(ctx, who, why, announce)
+        resets += 1
+    p = runto.first_plan(syms, symbol, load_base, t.main_ram() if load_base is None else ())
     while True:
         breakpoints = []
         try:
@@ -59,16 +77,15 @@ def run_to(ctx, symbol: str, timeout: float, load_base: Optional[int] = None,
             # It runs at its linked address from here on: wait for that alone.
             p = runto.plan(syms, symbol, [], with_sentinel=False)
             continue
+        guessed = base in p.base_by_address.values()
+        why = (f"Xen reached {runto.SENTINEL_SYMBOL} without executing {symbol} at "
+               f"{base + p.offset:#x}: it had run before the breakpoint was planted" if guessed
+               else f"load base {base:#x} was not among the {p.candidates} likeliest")
         if not allow_reset or resets:
             raise GdbextError(
-                f"missed {symbol}: Xen's load base {base:#x} was not among the "
-                f"{p.candidates} likeliest; Xen is now at {runto.SENTINEL_SYMBOL}. Reset the "
+                f"missed {symbol}: {why}; Xen is now at {runto.SENTINEL_SYMBOL}. Reset the "
                 f"machine and run 'xen-run-to {symbol} --base {base:#x}'")
-        gdb.write(f"xen-run-to: load base {base:#x} was not among the {p.candidates} "
-                  "likeliest; resetting the machine (monitor system_reset) to stop there on "
-                  "the next boot\n")
-        t.monitor("system_reset")
-        t.invalidate()
+        _reset(ctx, who, why, announce)
         resets += 1
         p = runto.plan(syms, symbol, [base])
     result = {"symbol": symbol, "rip": rip, "linked_va": p.linked_va, "at": "linked",

@@ -8,6 +8,7 @@ stopped when you quit GDB.
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 import time
@@ -63,6 +64,18 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def run_gdb_at_terminal(cmd) -> int:
+    """GDB in the foreground of this terminal. Ctrl-C is GDB's (it stops the guest):
+    the terminal sends SIGINT to the whole foreground group, so this wrapper ignores it
+    while GDB runs, and GDB gets the default disposition back to install its own."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return subprocess.call(cmd, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                     signal.SIG_DFL))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run(args) -> int:
     lab = Lab(LabConfig(xen_image=args.xen, xen_syms=args.xen_syms, memory_mb=args.memory))
     t0 = time.monotonic()
@@ -76,7 +89,7 @@ def run(args) -> int:
                    "-ex", f"xen-syms {args.xen_syms}",
                    "-ex", f"xen-run-to {ENTRY} --timeout {args.timeout:.0f}",
                    "-ex", "xen-regs"]
-            return subprocess.call(cmd)
+            return run_gdb_at_terminal(cmd)
         with GdbSession(log=lab.workdir / "gdb.log") as gdb:
             gdb.execute(f"target remote {lab.gdb_target}")
             gdb.execute(f"xen-syms {args.xen_syms}")

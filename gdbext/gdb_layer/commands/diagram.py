@@ -6,11 +6,9 @@ The drawing is ``core.diagram``, gathered from the target by ``drawing.write_dia
 
 from __future__ import annotations
 
-import gdb
-
-from ...core import diagram, render
+from ...core import diagram
 from ...core.errors import GdbextError
-from ..command import CommandParser, XenCommand, add_json_option, add_root_options, use_color
+from ..command import CommandParser, XenCommand, add_json_option, add_root_options, emit
 from ..drawing import write_diagram
 
 
@@ -54,7 +52,7 @@ class DiagramCommand(XenCommand):
                                predict=args.predict, assume_relocated=args.assume_relocated,
                                compare=args.compare, title=args.title)
         if args.json:
-            gdb.write(render.to_json(result.as_dict()) + "\n")
+            self.write_json(result.as_dict())
             return
         if result.files:
             lines = [f"wrote {path}" for path in result.files]
@@ -65,10 +63,7 @@ class DiagramCommand(XenCommand):
                      "(give --svg FILE and/or --dot FILE for a picture)"]
         if result.note:
             lines.append(f"({result.note})")
-        text = "\n".join(lines)
-        if use_color(from_tty):
-            text = render.colorize(text)
-        gdb.write(text + "\n")
+        emit("\n".join(lines), from_tty)
 
 
 def install(ctx) -> None:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import gdb
 
-from ...core import bootstops, render
+from ...core import bootstops
 from ...core.bootstops import ENTRY, STOP_ORDER
 from ...core.errors import GdbextError
-from ...core.mb2session import SessionOptions, failed, failed_checks
+from ...core.mb2session import SessionOptions, failed_checks
 from ..boot_session import BootSession
-from ..command import CommandParser, XenCommand, add_json_option, use_color
+from ..command import CommandParser, XenCommand, add_json_option, emit, output_width, use_color
 
 
 def _names(values) -> tuple:
@@ -75,7 +75,8 @@ class Mb2BreakCommand(XenCommand):
             only=_names(args.only), skip=_names(args.skip), predict=args.predict,
             assume_relocated=args.assume_relocated, keep_going=args.keep_going,
             timeout=args.timeout, json=args.json,
-            color=use_color(from_tty) and not args.json)
+            color=use_color(from_tty) and not args.json,
+            width=None if args.json else output_width(from_tty))
         session = BootSession(ctx, syms, options)
         if ctx.boot_session is not None:
             ctx.boot_session.finish()   # a new session replaces the old one's breakpoints
@@ -83,7 +84,7 @@ class Mb2BreakCommand(XenCommand):
         record = session.start(args.timeout, announce=not args.json)
         pending = session.pending
         if args.batch:
-            self._batch(session, args)
+            self._batch(session, args, from_tty)
             return
         if record is not None:
             session.print_record(record)
@@ -100,31 +101,12 @@ class Mb2BreakCommand(XenCommand):
         if not session.book.more_to_come():
             session.finish()
 
-    def _batch(self, session: BootSession, args) -> None:
-        book = session.book
-        session.batch_running = True
-        try:
-            if not args.json:
-                for r in session.records:
-                    session.print_record(r)
-            stopped_on_fail = bool(session.records) and failed(session.records[-1]) \
-                and not args.keep_going
-            while not stopped_on_fail and book.more_to_come():
-                record = session.next_stop(args.timeout)
-                if not args.json:
-                    session.print_record(record)
-                if failed(record) and not args.keep_going:
-                    stopped_on_fail = True
-        except GdbextError as err:
-            book.error = str(err)
-        finally:
-            session.batch_running = False
-            session.finish()
-        result = book.result()
+    def _batch(self, session: BootSession, args, from_tty: bool) -> None:
+        result = session.run_batch()
         if args.json:
-            gdb.write(render.to_json(result) + "\n")
+            self.write_json(result)
         else:
-            gdb.write(bootstops.summary_text(result) + "\n")
+            emit(bootstops.summary_text(result), from_tty)
         fails = failed_checks(result)
         if fails:
             raise GdbextError(f"xen-mb2-break: {len(fails)} check(s) failed: "

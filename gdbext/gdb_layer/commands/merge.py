@@ -18,11 +18,11 @@ from typing import List
 import gdb
 from tabulate import tabulate
 
-from ...core import bootstops, l4merge, merge_here, paging, render, x86
+from ...core import bootstops, l4merge, merge_here, paging, x86
 from ...core.errors import GdbextError
 from ...core.merge_here import CheckRequest, Change, Journal, describe_pa, failed_line, where
 from ...core.xenimage import LoadedXen
-from ..command import CommandParser, XenCommand, add_json_option, eval_int, use_color
+from ..command import CommandParser, XenCommand, add_json_option, emit, eval_int
 from ..merge_live import evaluate, remember_firmware
 
 ENTRY = bootstops.ENTRY                 # "__efi64_mb2_start"
@@ -90,7 +90,7 @@ class L4MergeCheckCommand(XenCommand):
         ev = evaluate(self.ctx, req)
         result, results, ctx = ev.result, ev.results, ev.header
         if args.json:
-            gdb.write(render.to_json(result) + "\n")
+            self.write_json(result)
         else:
             head = [f"xen-l4merge-check: {ctx['mode']} at {ctx['stop']}, "
                     f"B = {ctx['load_base']:#x}"]
@@ -99,8 +99,7 @@ class L4MergeCheckCommand(XenCommand):
                             f"({ctx['firmware_source']})")
             if ctx["table"] is not None:
                 head.append(f"merged L4 M = {ctx['table']:#x} ({ctx['table_source']})")
-            gdb.write("; ".join(head) + "\n")
-            gdb.write(l4merge.render_text(results, color=use_color(from_tty)) + "\n")
+            emit("; ".join(head) + "\n" + l4merge.render_text(results), from_tty)
         line = failed_line(result)
         if line:
             raise GdbextError(line)
@@ -409,9 +408,9 @@ class L4MergeApplyCommand(XenCommand):
                                      "instruction fetch goes wrong (see xen-l4merge-check "
                                      "I6); --undo restores")
         if args.json:
-            gdb.write(render.to_json(result) + "\n")
+            self.write_json(result)
         else:
-            gdb.write("\n".join(parts) + "\n")
+            emit("\n".join(parts), from_tty)
 
 
 def install(ctx) -> None:

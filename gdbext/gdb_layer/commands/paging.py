@@ -9,24 +9,18 @@ each pointer read from a Xen boot table was relocated.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Optional
 
 import gdb
 
-from ...core import paging, render, x86
-from ...core.paging import ATTR_NX, ATTR_U, ATTR_W
-from ...core.walknames import Situation, judge_raw, judge_step, situation_namer, verdict_text
+from ...core import paging, x86
+from ...core.walknames import Situation, judge_raw, situation_namer, verdict_text
 from ..addresses import PA_SYNTAX_HELP, SYNTAX_HELP, parse_address
-from ..command import (CommandParser, XenCommand, add_json_option, add_root_options, parse_int,
-                       use_color)
+from ..command import (CommandParser, XenCommand, add_json_option, add_root_options, emit,
+                       parse_int)
 from ..context import RootChoice
 from ..drawing import write_diagram
-
-def _emit(text: str, from_tty: bool, lexer: str = "text") -> None:
-    if use_color(from_tty):
-        text = render.colorize(text, lexer)
-    gdb.write(text + "\n")
-
+from ..reports import RangeFilter, pa2va_report, ranges_report, walk_report
 
 class RegsCommand(XenCommand):
     name = "regs"
@@ -52,9 +46,9 @@ class RegsCommand(XenCommand):
         decoded = {reg: [n for n, b in pairs if regs[reg] & b] for reg, pairs in bits.items()}
         root = None if ctx.mode is paging.MODE_OFF else ctx.root_from_cr3(regs["cr3"])
         if args.json:
-            gdb.write(render.to_json({
+            self.write_json({
                 **regs, "mode": ctx.mode.name, "root": root,
-                "flags": decoded, "cr3_low_bits": regs["cr3"] & x86.CR3_FLAGS_MASK}) + "\n")
+                "flags": decoded, "cr3_low_bits": regs["cr3"] & x86.CR3_FLAGS_MASK})
             return
         lines = [f"rip  {regs['rip']:#018x}"]
         for reg in ("cr0", "cr3", "cr4", "efer"):
@@ -69,23 +63,7 @@ class RegsCommand(XenCommand):
                         if ctx.mode is not paging.MODE_OFF else "")
                      + ("" if ctx.mode is paging.MODE_OFF else
                         f", NX {'on' if ctx.nxe else 'off'}, WP {'on' if ctx.wp else 'off'}"))
-        _emit("\n".join(lines), from_tty)
-
-
-def _filter(ranges: List[paging.Range], args) -> List[paging.Range]:
-    out = []
-    for r in ranges:
-        a = r[4]
-        if args.writable and not a & ATTR_W:
-            continue
-        if args.exec and a & ATTR_NX:
-            continue
-        if args.wx and not (a & ATTR_W and not a & ATTR_NX):
-            continue
-        if args.user and not a & ATTR_U:
-            continue
-        out.append(r)
-    return out
+        emit("\n".join(lines), from_tty)
 
 
 class PtCommand(XenCommand):
@@ -131,45 +109,30 @@ class PtCommand(XenCommand):
             result = write_diagram(self.ctx, args.svg, args.dot, root=args.root,
                                    mode=args.mode)
             if args.json:
-                gdb.write(render.to_json({"files": [str(f) for f in result.files],
-                                          "note": result.note}) + "\n")
+                self.write_json({"files": [str(f) for f in result.files],
+                                          "note": result.note})
             else:
                 gdb.write("".join(f"wrote {f}\n" for f in result.files))
             return
-        t = self.ctx.target
-        with t.phys_mode():
-            sit = self.ctx.situation(RootChoice(args.root, args.mode))
-            lo = hi = None
-            if args.range:
-                lo = parse_address(self.ctx, args.range[0], "range start")
-                hi = parse_address(self.ctx, args.range[1], "range end")
-            loaded, xen_note = self.ctx.loaded_or_note()
-            namer = situation_namer(sit, loaded)
-            if args.levels:
-                text = tree_text(sit, sit.mem, lo, hi, namer, loaded)
-                _emit(text + (f"\n({xen_note})" if xen_note else ""), from_tty)
-                return
-            en = paging.enumerate_ranges(sit.ctx, sit.mem, sit.root, lo, hi,
-                                         follow_cycles=not args.no_follow_cycles)
-        ranges = _filter(en.ranges, args)
-        truncated = 0
-        if args.limit and len(ranges) > args.limit:
-            truncated = len(ranges) - args.limit
-            ranges = ranges[:args.limit]
-        if args.json:
-            gdb.write(render.ranges_json(en, ranges, truncated, namer,
-                                         _xen_keys(loaded, xen_note)) + "\n")
+        choice = RootChoice(args.root, args.mode)
+        lo, hi = args.range if args.range else (None, None)
+        if args.levels:
+            with self.ctx.target.phys_mode():
+                sit = self.ctx.situation(choice)
+                lo_va = parse_address(self.ctx, lo, "range start") if lo is not None else None
+                hi_va = parse_address(self.ctx, hi, "range end") if hi is not None else None
+                loaded, xen_note = self.ctx.loaded_or_note()
+                text = tree_text(sit, sit.mem, lo_va, hi_va, situation_namer(sit, loaded),
+                                 loaded)
+            emit(text + (f"\n({xen_note})" if xen_note else ""), from_tty)
             return
-        root_name = f" = {namer(sit.root)}" if namer and namer(sit.root) else ""
-        head = (f"{sit.ctx.mode.name} paging, root {sit.root:#x}{root_name} ({sit.root_source}): "
-                f"{len(en.ranges)} ranges, {len(en.tables)} tables")
-        parts = [head, render.ranges_table(ranges, namer)]
-        if truncated:
-            parts.append(f"... {truncated} more ranges (raise --limit, or 0 for all)")
-        parts.extend(render.notes_text(en.notes))
-        if xen_note:
-            parts.append(f"({xen_note})")
-        _emit("\n".join(parts), from_tty)
+        report = ranges_report(self.ctx, choice, lo, hi,
+                               RangeFilter(args.writable, args.exec, args.wx, args.user),
+                               args.limit, follow_cycles=not args.no_follow_cycles)
+        if args.json:
+            self.write_json(report.as_dict())
+        else:
+            emit(report.text(), from_tty)
 
 
 def tree_text(sit: Situation, cache, lo: Optional[int], hi: Optional[int], namer=None,
@@ -181,12 +144,6 @@ def tree_text(sit: Situation, cache, lo: Optional[int], hi: Optional[int], namer
     rows = paging.tree_rows(sit.ctx, cache, sit.root, lo, hi, namer=namer,
                             entry_note=note if loaded is not None else None)
     return "\n".join(rows)
-
-
-def _xen_keys(loaded, xen_note: Optional[str]) -> Dict[str, object]:
-    """Top-level JSON keys saying what the Xen names were computed from."""
-    return {"load_base": loaded.load_base if loaded is not None else None,
-            "xen_note": xen_note}
 
 
 class Va2paCommand(XenCommand):
@@ -212,27 +169,12 @@ class Va2paCommand(XenCommand):
         return p
 
     def run(self, args, from_tty):
-        t = self.ctx.target
-        expr = " ".join(args.address)
-        with t.phys_mode():
-            sit = self.ctx.situation(RootChoice(args.root, args.mode))
-            va = parse_address(self.ctx, expr, "address")
-            w = paging.walk(sit.ctx, sit.mem, sit.root, va)
-            loaded, xen_note = self.ctx.loaded_or_note()
-            verdicts = [judge_step(loaded, step, sit) for step in w.steps]
-        namer = situation_namer(sit, loaded)
+        report = walk_report(self.ctx, " ".join(args.address),
+                             RootChoice(args.root, args.mode))
         if args.json:
-            d = render.walk_dict(w)
-            for level, step, v in zip(d["levels"], w.steps, verdicts):
-                level["table_name"] = namer(step.table_pa) if namer else None
-                level["pointer"] = v.as_dict() if v is not None else None
-            d["pa_name"] = namer(w.pa) if namer and w.mapped else None
-            d.update(_xen_keys(loaded, xen_note))
-            gdb.write(render.to_json(d) + "\n")
-            return
-        notes = {id(step): verdict_text(v) for step, v in zip(w.steps, verdicts) if v}
-        text = render.walk_text(w, namer, lambda step: notes.get(id(step)))
-        _emit(text + (f"\n({xen_note})" if xen_note else ""), from_tty)
+            self.write_json(report.as_dict())
+        else:
+            emit(report.text(), from_tty)
 
 
 class Pa2vaCommand(XenCommand):
@@ -251,30 +193,12 @@ class Pa2vaCommand(XenCommand):
         return p
 
     def run(self, args, from_tty):
-        t = self.ctx.target
-        with t.phys_mode():
-            sit = self.ctx.situation(RootChoice(args.root, args.mode))
-            pa = parse_address(self.ctx, " ".join(args.address), "physical address", space="pa")
-            en = paging.enumerate_ranges(sit.ctx, sit.mem, sit.root)
-            loaded, xen_note = self.ctx.loaded_or_note()
-        hits = paging.pa_to_vas(en.ranges, pa)
-        name = loaded.name_pa(pa) if loaded is not None else None
+        report = pa2va_report(self.ctx, " ".join(args.address),
+                              RootChoice(args.root, args.mode))
         if args.json:
-            gdb.write(render.to_json({"pa": pa, "root": sit.root, "mode": en.mode,
-                                      "vas": [{**render.range_dict(r), "range_va": r[0],
-                                               "va": va}  # the VA of PA, not the range's
-                                              for va, r in hits],
-                                      "pa_name": name, **_xen_keys(loaded, xen_note)}) + "\n")
-            return
-        what = f"PA {pa:#x}" + (f" [{name}]" if name else "")
-        if not hits:
-            _emit(f"{what} is not mapped under root {sit.root:#x}", from_tty)
-            return
-        lines = [f"{what} is mapped at {len(hits)} virtual address(es):"]
-        for va, r in hits:
-            lines.append(f"  {va:#018x}  ({x86.size_name(r[3])} page, "
-                         f"{paging.attrs_flags(r[4])})")
-        _emit("\n".join(lines), from_tty)
+            self.write_json(report.as_dict())
+        else:
+            emit(report.text(), from_tty)
 
 
 def install(ctx) -> None:

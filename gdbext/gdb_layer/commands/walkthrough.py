@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import gdb
 
 from ...core import bootstops as bs
-from ...core import l4merge, paging, render, x86
+from ...core import l4merge, paging, x86
 from ...core import walkthrough as wt
 from ...core.errors import GdbextError
 from ...core.mb2session import SessionOptions
@@ -29,6 +29,7 @@ from ...core.walknames import judge_step, verdict_text
 from ...core.xenimage import LoadedXen
 from ..boot_session import BootSession
 from ..command import CommandParser, XenCommand, add_json_option
+from ..command import emit as write   # the walkthrough's own 'emit' is a local
 from ..drawing import write_diagram
 from ..merge_live import check_here
 
@@ -255,12 +256,21 @@ class WalkthroughCommand(XenCommand):
             except OSError as e:
                 raise GdbextError(f"xen-walkthrough: cannot create --svg-dir {args.svg_dir}: "
                                   f"{e.strerror or e}") from None
-        session = BootSession(self.ctx, syms, _session_options(args.timeout))
+        running = self.ctx.boot_session
+        if running is not None and not running.done:
+            # Say it before anything runs: the tour starts from the entry on its own.
+            if not args.json:
+                write("xen-walkthrough: ending the xen-mb2-break session in progress (its "
+                      "breakpoints are removed); the tour starts at __efi64_mb2_start",
+                      from_tty)
+            running.finish()
+        session = BootSession(self.ctx, syms, _session_options(args.timeout),
+                              who="xen-walkthrough")
         total = len(session.selected)
         out: Dict[str, object] = {"load_base": None, "patched": session.plan.patched,
                                   "stops": [], "complete": False, "error": None,
                                   "notes": list(session.plan.notes)}
-        emit = (lambda text: None) if args.json else (lambda text: (gdb.write(text + "\n"),
+        emit = (lambda text: None) if args.json else (lambda text: (write(text, from_tty),
                                                                      gdb.flush()))
         if not args.json:
             emit(f"xen-walkthrough: {total} stops on this build: "
@@ -291,7 +301,7 @@ class WalkthroughCommand(XenCommand):
         finally:
             session.finish()
         if args.json:
-            gdb.write(render.to_json(out) + "\n")
+            self.write_json(out)
             if out["error"]:
                 raise GdbextError(f"xen-walkthrough: {out['error']}")
         elif out["complete"]:

@@ -11,13 +11,11 @@ from __future__ import annotations
 import os
 import time
 
-import gdb
-
-from ...core import bootstops, paging, render, xenimage
+from ...core import bootstops, paging, xenimage
 from ...core.walknames import root_owner
 from ...core.xenimage import LoadedXen
 from ..addresses import PA_SYNTAX_HELP, parse_address
-from ..command import CommandParser, XenCommand, add_json_option, parse_int
+from ..command import CommandParser, XenCommand, add_json_option, emit, parse_int
 from ..run_to import run_to
 
 
@@ -52,7 +50,7 @@ class SymsCommand(XenCommand):
             "load_base_source": x.load_base_source or None,
         }
         if args.json:
-            gdb.write(render.to_json(info) + "\n")
+            self.write_json(info)
             return
         lines = [f"Xen symbols: {info['path']}",
                  f"  version {info['version'] or 'unknown'}, build-id {info['build_id'] or 'none'}, "
@@ -62,7 +60,7 @@ class SymsCommand(XenCommand):
                  f"{syms.image_end:#x}"]
         if x.load_base is not None:
             lines.append(f"  load base B = {x.load_base:#x} (from {x.load_base_source})")
-        gdb.write("\n".join(lines) + "\n")
+        emit("\n".join(lines), from_tty)
 
 
 class RunToCommand(XenCommand):
@@ -93,11 +91,11 @@ class RunToCommand(XenCommand):
     def run(self, args, from_tty):
         result = run_to(self.ctx, args.symbol, args.timeout, args.base, allow_reset=not args.no_reset)
         if args.json:
-            gdb.write(render.to_json(result) + "\n")
+            self.write_json(result)
             return
         where = (f"its load address {result['rip']:#x} (B = {result['load_base']:#x})"
                  if result["at"] == "load address" else f"its linked address {result['rip']:#x}")
-        gdb.write(f"Xen reached {args.symbol} at {where} after {result['seconds']:.1f} s\n")
+        emit(f"Xen reached {args.symbol} at {where} after {result['seconds']:.1f} s", from_tty)
 
 
 # -- xen-locate: where is the image? ---------------------------------------------------------
@@ -131,7 +129,7 @@ class LocateCommand(XenCommand):
             base = parse_address(self.ctx, args.base, "load base", space="pa")
         result = self.ctx.locate(base, scan_only=args.scan)
         if args.json:
-            gdb.write(render.to_json(result) + "\n")
+            self.write_json(result)
             return
         lines = [f"Xen's load base B = {result['load_base']:#x} (from {result['source']})"]
         if result["verified"] is False:
@@ -144,7 +142,7 @@ class LocateCommand(XenCommand):
                                                        result["load_base"]))
         if self.ctx.xen.gdb_symbols:
             lines.append("  GDB has Xen's symbols at the load address and the linked address")
-        gdb.write("\n".join(lines) + "\n")
+        emit("\n".join(lines), from_tty)
 
 
 # -- xen-info ---------------------------------------------------------------------------------
@@ -207,7 +205,7 @@ class InfoCommand(XenCommand):
     def run(self, args, from_tty):
         d = info(self.ctx)
         if args.json:
-            gdb.write(render.to_json(d) + "\n")
+            self.write_json(d)
             return
         lines = [f"Xen {d['version'] or '(version unknown)'}"
                  + (f" ({d['compile_version']})" if d["compile_version"] else "")
@@ -230,7 +228,7 @@ class InfoCommand(XenCommand):
                      + (f" = {d['root_name']} (Xen's)" if d["root_name"] else "")
                      + (" (the firmware's)" if d["root_owner"] == "firmware" else "")
                      + (" (outside Xen's image)" if d["root_owner"] == "other" else ""))
-        gdb.write("\n".join(lines) + "\n")
+        emit("\n".join(lines), from_tty)
 
 
 def install(ctx) -> None:
