@@ -10,8 +10,8 @@ failed (the failing checks are named), 2 the run itself could not be done (boot
 timeout, missing or wrong symbols, build-id mismatch, unreachable --connect, GDB
 or QEMU died), with a one-line reason on stderr.
 
-What it drives: a real GDB (``gdbext.gdbdriver.GdbSession``) with gdbext loaded,
-attached to the lab's QEMU (``gdbext.lab.Lab``) or to ``--connect``; it runs
+What it drives: a real GDB (``gdbext.host.gdbdriver.GdbSession``) with gdbext loaded,
+attached to the lab's QEMU (``gdbext.host.lab.Lab``) or to ``--connect``; it runs
 ``xen-syms`` and then ``xen-mb2-break --batch --json`` with the check and stop
 selections passed through. QEMU and GDB are always stopped, by pid. Never
 imports ``gdb``.

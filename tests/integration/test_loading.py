@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gdbext import paths
-from gdbext.gdbdriver import gdb_binary
+from gdbext.host.gdbdriver import gdb_binary
 
 VERSION = "%d.%d" % sys.version_info[:2]
 # Commands 'help xen' lists once gdbext is loaded.
