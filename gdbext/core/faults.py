@@ -915,3 +915,54 @@ def explain_fault(vector: int, error_code: Optional[int], frame: Optional[Except
                        root_name(root, xen, root_label) if root is not None else "paging off",
                        fault_address, walk_report, prov, decoded_instruction,
                        caller)
+
+
+# --- triple faults ------------------------------------------------------------------------
+
+@dataclass
+class TripleFaultReport:
+    """A triple fault from QEMU's -d int chain and the state it left (the CPU is not
+    reset when QEMU runs with -action reboot=shutdown,shutdown=pause)."""
+    vectors: List[int]               # the chain: first exception, then each nested one
+    first_rip: Optional[int]
+    first_error_code: Optional[int]
+    cr2: Optional[int]               # CR2 at the pause: the last #PF's address
+    idt_gate: Optional[int]          # the gate CR2 falls in, if inside the IDT
+
+    def text(self) -> str:
+        names = [vector_info(v).mnemonic or str(v) for v in self.vectors]
+        parts = [names[0] + (f" at RIP {self.first_rip:#x}" if self.first_rip is not None else "")
+                 + (f" (error code {self.first_error_code:#x}: "
+                    f"{error_code_text(self.vectors[0], self.first_error_code)})"
+                    if self.first_error_code is not None
+                    and vector_info(self.vectors[0]).has_error_code else "")]
+        # A fault while delivering a fault is a #DF; one while delivering the #DF, a
+        # triple fault (SDM vol. 3A, 6.15, interrupt 8).
+        delivering = names[0]
+        for i, name in enumerate(names[1:], 1):
+            last = i == len(names) - 1
+            parts.append(f"{name} while delivering {delivering}" + (
+                " -> triple fault: the CPU resets" if last else " -> #DF"))
+            delivering = "#DF"
+        text = "triple fault: " + "; ".join(parts)
+        if self.idt_gate is not None:
+            text += (f"; CR2 {self.cr2:#x} is IDT gate {self.idt_gate}'s address: the IDT "
+                     "does not translate under this CR3")
+        return text
+
+    def as_dict(self) -> Dict[str, object]:
+        return {"vectors": list(self.vectors), "first_rip": self.first_rip,
+                "first_error_code": self.first_error_code, "cr2": self.cr2,
+                "idt_gate": self.idt_gate, "text": self.text()}
+
+
+def explain_triple_fault(chain, cr2: Optional[int] = None,
+                         idtr: Optional[Tuple[int, int]] = None) -> TripleFaultReport:
+    """``chain``: qemulog.last_triple_fault's; ``cr2``/``idtr`` as QEMU shows them at the
+    pause (``info registers``)."""
+    first = chain.first
+    gate = None
+    if cr2 is not None and idtr is not None and idtr[0] <= cr2 <= idtr[0] + idtr[1]:
+        gate = (cr2 - idtr[0]) // x86.IDT_GATE_SIZE_LONG
+    return TripleFaultReport(chain.vectors, first.rip if first else None,
+                             first.error_code if first else None, cr2, gate)
