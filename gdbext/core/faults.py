@@ -472,8 +472,9 @@ class StaticPointerIndex:
 
     def _segments(self) -> List[Tuple[int, bytes]]:
         if self._blobs is None:
-            self._blobs = [(seg.vaddr, data)
-                           for seg, data in zip(self.syms.segments, self.syms._segment_bytes())]
+            # the file-backed part of each PT_LOAD: .bss holds no link-time pointer
+            self._blobs = [(seg.vaddr, self.syms.read_linked(seg.vaddr, seg.filesz))
+                           for seg in self.syms.segments]
         return self._blobs
 
     def find(self, value: int) -> Tuple[int, ...]:

@@ -151,6 +151,70 @@ def triple(out: Path) -> None:
         shutil.copy(lab.serial_log, out / "triple-serial.log")
 
 
+def qmp(sock_path: Path, command: str, **arguments) -> dict:
+    """One QMP command on the lab's QMP socket (a fresh connection each time)."""
+    import socket
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(sock_path))
+        f = s.makefile("rw")
+        json.loads(f.readline())                              # greeting
+        for cmd, args in (("qmp_capabilities", {}), (command, arguments)):
+            f.write(json.dumps({"execute": cmd, "arguments": args}) + "\n")
+            f.flush()
+            while True:
+                reply = json.loads(f.readline())
+                if "return" in reply or "error" in reply:
+                    break
+        return reply
+
+
+def triple_qmp(out: Path) -> None:
+    """As ``triple``, with a QMP socket: after the pause, QMP set-action reboot=reset
+    lets 'monitor system_reset' (xen-run-to's reset) boot again; then back to
+    reboot=shutdown, a second triple fault is caught as the first."""
+    int_log = out / "qemu-int-triple-qmp.log"
+    sock = Path("/tmp/i11-cap/qmp.sock")
+    cfg = LabConfig(memory_mb=1024, extra_qemu_args=[
+        "-action", "reboot=shutdown,shutdown=pause", "-d", "int,cpu_reset", "-D", str(int_log),
+        "-qmp", f"unix:{sock},server=on,wait=off"])
+    notes_file = out / "triple-qmp-notes.txt"
+    notes_file.write_text("")
+
+    def note(line: str) -> None:
+        with open(notes_file, "a") as f:
+            f.write(line.rstrip() + "\n")
+        print(line, flush=True)
+
+    from gdbext.core.xensyms import load_xen_syms
+    syms = load_xen_syms(paths.XEN_DEBIAN_SYMS)
+    with lab_session(cfg, paths.XEN_DEBIAN_SYMS) as (lab, gdb):
+        for attempt in (1, 2):
+            run = gdb.execute(f"xen-run-to __efi64_mb2_start --json --timeout {TIMEOUT}",
+                              timeout=TIMEOUT + 30, check=False)
+            note(f"[{attempt}] xen-run-to: error={run.error!r} out={run.out[-300:]!r}")
+            b = run.json()["load_base"]
+            cand = syms.pa("l2_bootmap", b)
+            words = parse_xp_qwords(gdb.execute(f"monitor xp /512gx {cand:#x}").out)
+            assert len(words) == 512 and not any(words), "candidate page is not zeros"
+            gdb.execute("python __import__('gdbext.gdb_layer.merge_cmds', fromlist=['x'])"
+                        f"._set_register('cr3', {cand:#x})")
+            t0 = time.monotonic()
+            cont = gdb.execute("continue", timeout=120, check=False)
+            note(f"[{attempt}] continue returned after {time.monotonic() - t0:.2f} s")
+            note(f"[{attempt}] status: " + gdb.execute("monitor info status").out.strip())
+            note(f"[{attempt}] set-action reboot=reset: {qmp(sock, 'set-action', reboot='reset')}")
+            r = gdb.execute("monitor system_reset", check=False)
+            note(f"[{attempt}] monitor system_reset: error={r.error!r}")
+            time.sleep(1)
+            note(f"[{attempt}] status after reset: " + gdb.execute("monitor info status").out.strip())
+            note(f"[{attempt}] set-action reboot=shutdown: "
+                 f"{qmp(sock, 'set-action', reboot='shutdown', shutdown='pause')}")
+        gdb_log = (lab.workdir / "gdb.log").read_text()
+        note(f"SIGQUIT stops seen by GDB: {gdb_log.count('Program received signal SIGQUIT')}")
+        note(f"triple faults in -d int log: {int_log.read_text(errors='replace').count('Triple fault')}")
+
+
 def parse_info_registers_rip(text: str) -> str:
     regs = parse_info_registers(text)
     return hex(regs.get("rip", regs.get("eip", -1)))
@@ -238,4 +302,4 @@ def rfc_image(out: Path) -> None:
 if __name__ == "__main__":
     which, outdir = sys.argv[1], Path(sys.argv[2])
     outdir.mkdir(parents=True, exist_ok=True)
-    {"rfc": rfc, "triple": triple, "printerr": printerr, "rfc-image": rfc_image}[which](outdir)
+    {"rfc": rfc, "triple": triple, "printerr": printerr, "rfc-image": rfc_image, "triple-qmp": triple_qmp}[which](outdir)
