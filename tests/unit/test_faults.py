@@ -345,3 +345,29 @@ def test_no_provenance_for_addresses_of_the_right_kind(syms):
                              xen, {}) is None
     p = faults.provenance(at_load, syms.linked_va("__start_xen"), xen, {"rdi": at_load})
     assert p.kind == faults.LOAD_AT_LINKED and p.registers == ["rdi"]
+
+
+def test_explain_the_real_printerr_crash_end_to_end(syms):
+    """The PrintErrMesg crash with the firmware's image bytes as captured and an identity
+    map like OVMF's (nothing mapped in the upper half): RIP named by the PE image the
+    firmware's dump names, CR2's walk failing at L4, the pointer traced to its table."""
+    d = data.dump(data.PRINTERR)
+    regs = data.registers(data.PRINTERR)
+    mem = data.memory_slices(data.PRINTERR)
+    b = PTBuilder("4-level", mem=mem)
+    for page in range(d.image_base & ~0xFFF, (d.rip & ~0xFFF) + 0x1000, 0x1000):
+        b.map(page, page, flags=PRW)
+    xen = xenimage.LoadedXen(syms, data.load_base(data.PRINTERR))
+    frame = faults.ExceptionFrame(14, regs["rsp"], d.exception_data, d.rip, d.registers["cs"],
+                                  d.registers["rflags"], d.registers["rsp"], d.registers["ss"])
+    r = explain_fault(14, None, frame, regs["cr2"], b.root, regs, b.ctx(), mem, xen,
+                      firmware_search_bytes=d.rip - (d.rip & ~0xFFFFF))
+    assert r.rip_name.kind == faults.FIRMWARE and r.rip_name.image.image_base == d.image_base
+    assert r.rip_name.image.entry_point == d.image_entry
+    assert r.error_text == "read, not present" and r.caller is None
+    assert r.walk.lines[0].level == 4 and not r.walk.lines[0].present
+    assert r.cr2_name.kind == faults.XEN_LINKED
+    code = int(re.search(r"\$rsi = (0x[0-9a-f]+)",
+                         data.text(data.PRINTERR / "setup.txt")).group(1), 16) & ~(1 << 63)
+    assert f"ErrCodeToStr.16[{code}]" in r.provenance.message
+    assert r.summary().startswith(f"#PF at {d.rip:#x} (image at {d.image_base:#x}+")
