@@ -176,6 +176,10 @@ class HandlerPlan:
         """What the plan depends on: re-plan when IDTR or CR3 changed."""
         return (self.idt_base, self.idt_limit, self.cr3)
 
+    def vectors_at(self, va: int) -> List[int]:
+        """The vectors whose handler is at ``va`` (a breakpoint hit there: which one)."""
+        return [s.vector for s in self.sites if s.handler_va == va]
+
     def as_dict(self) -> Dict[str, object]:
         return {"idt_base": self.idt_base, "idt_limit": self.idt_limit, "cr3": self.cr3,
                 "sites": [s.as_dict() for s in self.sites],
@@ -402,6 +406,23 @@ def name_address(va: int, xen: Optional[xenimage.LoadedXen], mem: Optional[PhysM
             return AddressName(va, FIRMWARE, f"{name} (firmware image at {image.image_base:#x})",
                                name, image)
     return AddressName(va, UNKNOWN, f"{va:#x} (in no known image)")
+
+
+def describe_linked(syms, va: int) -> str:
+    """``name+0x12`` when inside a sized symbol; for unnamed data past a symbol's end
+    (string literals have no symbol), its section: ``.init.rodata+0x70b0 (no symbol)``."""
+    hit = syms.symbol_at(va)
+    if hit is None:
+        return f"{va:#x}"
+    qualname, delta = hit
+    sym = syms.symbols.get(qualname)
+    if sym is not None and sym.size and delta >= sym.size:
+        section_for = getattr(syms, "section_for", None)
+        sec = section_for(va) if section_for is not None else None
+        if sec is not None:
+            return f"{sec.name}+{va - sec.addr:#x} (no symbol)"
+        return f"{va:#x} (no symbol, past {_display_name(syms, qualname)})"
+    return syms.describe(va)
 
 
 def runs_where(rip: int, xen: Optional[xenimage.LoadedXen]) -> str:
@@ -725,10 +746,10 @@ def provenance(value: int, rip: int, xen: Optional[xenimage.LoadedXen],
     where = runs_where(rip, xen)
     if syms.in_image(value) and where != XEN_LINKED:
         kind = LINKED_AT_LOAD
-        owner = syms.describe(value)
+        owner = describe_linked(syms, value)
     elif xen.in_image(value) and where == XEN_LINKED:
         kind = LOAD_AT_LINKED
-        owner = syms.describe(xen.linked_va_of_pa(value))
+        owner = describe_linked(syms, xen.linked_va_of_pa(value))
     else:
         return None
     index = static_pointer_index(syms)

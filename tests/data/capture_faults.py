@@ -4,6 +4,7 @@ Run under the QEMU lock, from the worktree, with GDBEXT_CACHE set:
 
     flock /tmp/gdbext-qemu.lock .venv/bin/python tests/data/capture_faults.py rfc OUTDIR
     flock /tmp/gdbext-qemu.lock .venv/bin/python tests/data/capture_faults.py triple OUTDIR
+    (also: printerr, rfc-image (needs rfc's serial.log in OUTDIR), triple-qmp)
 
 ``rfc``: at __efi64_mb2_start, breakpoints on the firmware's handlers of vectors 0-31
 (IDT from 'monitor info registers', gates decoded by gdbext.core.faults), then

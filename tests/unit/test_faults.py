@@ -89,6 +89,7 @@ def test_plan_handler_breakpoints_skips_what_cannot_be_caught_and_says_why():
     assert "not an interrupt or trap gate" in skipped[5]
     assert "past the IDT limit" in skipped[30] and 31 in skipped
     assert plan.key == (IDT_VA, limit, cr3)
+    assert plan.vectors_at(HANDLERS_VA + 0x20 * 14) == [14] and plan.vectors_at(0) == []
 
 
 def test_plan_when_the_idt_itself_is_unmapped_or_paging_is_not_long():
@@ -371,3 +372,11 @@ def test_explain_the_real_printerr_crash_end_to_end(syms):
                          data.text(data.PRINTERR / "setup.txt")).group(1), 16) & ~(1 << 63)
     assert f"ErrCodeToStr.16[{code}]" in r.provenance.message
     assert r.summary().startswith(f"#PF at {d.rip:#x} (image at {d.image_base:#x}+")
+
+
+def test_unnamed_data_is_named_by_its_section(syms):
+    index, value = first_string_pointer(syms)      # a string literal: no symbol of its own
+    sec = syms.section_for(value)
+    assert faults.describe_linked(syms, value) == f"{sec.name}+{value - sec.addr:#x} (no symbol)"
+    assert faults.describe_linked(syms, syms.linked_va("efi_multiboot2") + 4) == \
+        "efi_multiboot2+0x4"
