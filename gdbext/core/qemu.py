@@ -135,3 +135,14 @@ def parse_xp_qwords(text: str) -> List[int]:
 def parse_info_registers(text: str) -> Dict[str, int]:
     """``info registers``: every NAME=hex value, by lower-case name (rip, cr3, efer, ...)."""
     return {name.lower(): int(value, 16) for name, value in _REGISTER.findall(text)}
+
+
+# ``info registers``: "GDT=     000000003f5db000 00000047" and "IDT=     ..." (base, limit);
+# the NAME=hex pattern above does not match them (spaces after the '=').
+_DESCRIPTOR_TABLE = re.compile(r"\b([GI]DT)=\s*([0-9a-fA-F]{8,16})\s+([0-9a-fA-F]{1,8})\b")
+
+
+def parse_descriptor_tables(text: str) -> Dict[str, Tuple[int, int]]:
+    """``info registers``: {"idt": (base, limit), "gdt": (base, limit)}, those present."""
+    return {name.lower(): (int(base, 16), int(limit, 16))
+            for name, base, limit in _DESCRIPTOR_TABLE.findall(text)}

@@ -129,3 +129,40 @@ def size_name(size: int) -> str:
             rest = size % unit
             return f"{size // unit}{name}" + (f"+{size_name(rest)}" if rest else "")
     return f"{size}B"
+
+
+# --- exceptions ----------------------------------------------------------------
+#
+# SDM vol. 3A, 6.14.1 and 6.15; AMD APM vol. 2, 8.2 and 8.4.2.
+
+# A long-mode IDT gate is 16 bytes: offset 15..0 (bytes 0-1), selector (2-3),
+# IST (bits 2..0 of byte 4), type/attributes (byte 5: type 3..0, DPL 6..5,
+# present 7), offset 31..16 (6-7), offset 63..32 (8-11), reserved (12-15).
+IDT_GATE_SIZE_LONG = 16
+GATE_TYPE_INTERRUPT = 0xE    # IF cleared on entry
+GATE_TYPE_TRAP = 0xF
+GATE_PRESENT = 1 << 7        # in the type/attribute byte
+GATE_IST_MASK = 0x7
+
+# Vectors for which the CPU pushes an error code (the others push none).
+ERROR_CODE_VECTORS = frozenset((8, 10, 11, 12, 13, 14, 17, 21, 29))
+EXCEPTION_VECTORS = 32       # 0..31 are reserved for exceptions
+
+# #PF error code (pushed for vector 14; CR2 holds the faulting address).
+PFEC_P = 1 << 0       # 0: not present; 1: protection violation
+PFEC_W = 1 << 1       # write access
+PFEC_U = 1 << 2       # user-mode access (CPL 3)
+PFEC_RSVD = 1 << 3    # a reserved bit set in a paging-structure entry
+PFEC_I = 1 << 4       # instruction fetch
+PFEC_PK = 1 << 5      # protection-key violation
+PFEC_SS = 1 << 6      # shadow-stack access
+PFEC_HLAT = 1 << 7    # HLAT paging (Intel)
+PFEC_SGX = 1 << 15    # SGX access-control violation
+
+# Selector error code (#TS, #NP, #SS, #GP, and #DF/#AC's always-zero one).
+SELEC_EXT = 1 << 0    # raised by an event external to the program
+SELEC_IDT = 1 << 1    # the index names an IDT gate
+SELEC_TI = 1 << 2     # with IDT clear: 1 = LDT, 0 = GDT
+SELEC_INDEX_SHIFT = 3
+
+RFLAGS_IF = 1 << 9
