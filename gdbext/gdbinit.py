@@ -36,7 +36,8 @@ def _gdbext_load():
         sys.path.insert(0, repo)
     missing = []
     for module, package in (("pygments", "pygments"), ("tabulate", "tabulate"),
-                            ("elftools", "pyelftools")):
+                            ("elftools", "pyelftools"), ("capstone", "capstone"),
+                            ("pefile", "pefile")):
         try:
             __import__(module)
         except ImportError:
