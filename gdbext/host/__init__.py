@@ -1,0 +1,1 @@
+"""Host-side programs of gdbext: command-line tools that run outside GDB."""
