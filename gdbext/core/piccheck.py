@@ -769,11 +769,15 @@ def resolve_function(syms, name: str) -> str:
 
 
 def findings_for_call(syms, callee: str = EFI_MB2, entry: str = ENTRY,
-                      efi: Union[str, Path, None] = None) -> List[Finding]:
+                      efi: Union[str, Path, None] = None,
+                      upper_half_mapped: bool = False) -> List[Finding]:
     """For l4merge's I13: the findings in the code that the entry's call of ``callee``
-    runs (``callee`` and everything it reaches), with call chains from ``entry``."""
-    report = check(syms, [entry], efi=efi)
-    inside = check(syms, [callee], efi=efi)
+    runs (``callee`` and everything it reaches), with call chains from ``entry``.
+
+    ``upper_half_mapped``: the call runs under the RFC's merged L4 (the verdicts then
+    say the code works only while that mapping lasts).  Both checks are cached."""
+    report = check(syms, [entry], efi=efi, upper_half_mapped=upper_half_mapped)
+    inside = check(syms, [callee], efi=efi, upper_half_mapped=upper_half_mapped)
     reach = {f.name for f in inside.functions}
     return [f for f in report.findings if f.function in reach]
 
