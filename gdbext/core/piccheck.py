@@ -39,6 +39,7 @@ symbols (core/xensyms).
 
 from __future__ import annotations
 
+import argparse
 import bisect
 import collections
 import difflib
@@ -796,6 +797,70 @@ def _cache_path(syms, key: list) -> Path:
     from .xensyms import default_cache_dir
     h = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
     return default_cache_dir() / f"pic-{syms.build_id_hex or 'nobuildid'}-{h}.json"
+
+
+# -- the command (xen-pic-check in GDB and on the command line share it) ------------------
+
+PROG = "xen-pic-check"
+EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+
+
+class _ArgParser(argparse.ArgumentParser):
+    """Errors become one-line GdbextErrors (GDB must not exit, nor see a traceback)."""
+
+    def error(self, message: str) -> None:
+        usage = " ".join(self.format_usage().split()[1:])
+        raise GdbextError(f"{self.prog}: {message} (usage: {usage})")
+
+    def exit(self, status: int = 0, message: Optional[str] = None) -> None:
+        raise _HelpShown(message or "")
+
+
+class _HelpShown(Exception):
+    pass
+
+
+def arg_parser(prog: str = PROG, with_syms: bool = False) -> argparse.ArgumentParser:
+    """The command's options; ``with_syms`` adds --xen-syms (the offline form: in GDB
+    the loaded xen-syms is used)."""
+    p = _ArgParser(prog=prog, description="Which instructions of the code Xen runs at its "
+                   "load address (multiboot2+EFI) need linked VAs: absolute addresses, static "
+                   "pointers, pointer tables, jump tables.")
+    p.add_argument("functions", nargs="*", metavar="FUNCTION",
+                   help=f"start from these functions (default: {ENTRY})")
+    if with_syms:
+        p.add_argument("--xen-syms", metavar="FILE", help="xen-syms ELF (default: Debian's 4.17)")
+    p.add_argument("--xen-efi", metavar="FILE",
+                   help="xen.efi of the same build: take the static pointers from its base "
+                        "relocation table")
+    p.add_argument("--xen-efi-map", metavar="FILE",
+                   help="xen.efi's .map (default: FILE.map beside xen.efi or xen-syms)")
+    p.add_argument("--json", action="store_true", help="the whole result as JSON")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute (the result is cached per build-id)")
+    return p
+
+
+def parse_args(argv: Sequence[str], prog: str = PROG, with_syms: bool = False):
+    """The parsed options, or None when --help was printed (``help_text`` holds it)."""
+    p = arg_parser(prog, with_syms)
+    try:
+        return p.parse_args(list(argv))
+    except _HelpShown:
+        return None
+
+
+def help_text(prog: str = PROG, with_syms: bool = False) -> str:
+    return arg_parser(prog, with_syms).format_help()
+
+
+def run_command(syms, args) -> Tuple[str, PicReport, int]:
+    """(what to print, the report, exit status) for parsed ``args`` on ``syms``:
+    0 no finding, 1 findings.  Bad input raises GdbextError (one line)."""
+    report = check(syms, args.functions or None, efi=args.xen_efi,
+                   efi_map=args.xen_efi_map, cache=not args.no_cache)
+    text = json.dumps(report.as_dict(), indent=1) if args.json else render_text(report)
+    return text, report, EXIT_FINDINGS if report.findings else EXIT_CLEAN
 
 
 # -- text ------------------------------------------------------------------------------------

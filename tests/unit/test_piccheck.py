@@ -399,3 +399,17 @@ def test_synth_counts(synth):
 def test_a_map_has_no_bytes():
     with pytest.raises(GdbextError, match="no code bytes to decode"):
         piccheck.check(load_xen_syms(paths.XEN_DEBIAN_SYMS_MAP))
+
+
+def test_command_args_are_shared_and_errors_are_one_line(capsys):
+    """The GDB command and the CLI share piccheck.parse_args/run_command."""
+    args = piccheck.parse_args(["efi_enabled", "--json"])
+    assert args.functions == ["efi_enabled"] and args.json and not hasattr(args, "xen_syms")
+    text, report, status = piccheck.run_command(load_xen_syms(SYMS), args)
+    assert status == 0 and json.loads(text)["entries"] == ["efi_enabled"]
+    with pytest.raises(GdbextError) as err:
+        piccheck.parse_args(["--bogus"])
+    assert "unrecognized arguments: --bogus" in str(err.value) and "\n" not in str(err.value)
+    assert piccheck.parse_args(["--help"]) is None
+    assert pic_check.main(["--bogus"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
