@@ -23,7 +23,8 @@ from . import paths
 
 # Import name -> distribution name of each run-time dependency. setup.cfg's
 # install_requires lists the same distributions (a unit test keeps them equal).
-DEPENDENCIES = (("tabulate", "tabulate"), ("elftools", "pyelftools"))
+DEPENDENCIES = (("tabulate", "tabulate"), ("elftools", "pyelftools"), ("capstone", "capstone"),
+                ("pefile", "pefile"))
 
 
 def python_version() -> str:

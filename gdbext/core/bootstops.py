@@ -42,10 +42,11 @@ import bisect
 import struct
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from . import x86
+from . import x86, x86decode
 from .errors import GdbextError
+from .x86decode import Instruction
 from .l4merge import CHECK_IDS, CHECKS_AT_STOP, FAIL, STATUSES
 
 # -- stop names (the shared contract) ------------------------------------------
@@ -73,15 +74,11 @@ LOW = "low"        # trampoline_phys + (instruction - trampoline_start)
 ALL_CHECKS: Tuple[str, ...] = CHECK_IDS
 
 
-# -- instruction decoding (just enough, on raw bytes) ------------------------------
+# -- instruction decoding (core/x86decode, over capstone) ---------------------------
 
-MOV_CR3_RSI = b"\x0f\x20\xde"   # mov %cr3,%rsi
-MOV_RAX_CR3 = b"\x0f\x22\xd8"   # mov %rax,%cr3 (mov %eax,%cr3 in 32-bit code)
-CALL_RAX = b"\xff\xd0"          # call *%rax
-CALL_REL32 = 0xE8               # call rel32
-MOV_IMM32_EAX = 0xB8            # mov $imm32,%eax
-LEA_ESI_DISP32_EAX = b"\x8d\x86"  # lea disp32(%esi),%eax
-MOV_EAX_SIB_DISP32 = b"\x89\x84"  # mov %eax,disp32(base,index,scale)
+# The bytes of ``mov %eax,%cr3``: xen-mb2-break checks them just before the
+# trampoline's low-copy stop (the plan places that stop just after this load).
+MOV_RAX_CR3 = b"\x0f\x22\xd8"
 # How far after the idle_pg_table immediate the CR3 load may be (one add between).
 _CR3_LOAD_WINDOW = 16
 
@@ -98,32 +95,46 @@ class MergeSite:
                 "call_rax": self.call_rax}
 
 
+def _reg_operand(insn: Instruction, written: bool) -> Optional[str]:
+    """The register ``insn`` writes (``written``) or reads, if it has one such operand."""
+    regs = [o.reg for o in insn.operands
+            if o.kind == x86decode.REG and (o.written if written else o.read)]
+    return regs[0] if len(regs) == 1 else None
+
+
+def _is_cr3_move(insn: Instruction, to_cr3: bool, gpr: str) -> bool:
+    if to_cr3:
+        return x86decode.K_MOV_TO_CR3 in insn.kinds and _reg_operand(insn, False) == gpr
+    return x86decode.K_MOV_FROM_CR3 in insn.kinds and _reg_operand(insn, True) == gpr
+
+
+def _is_call_through(insn: Instruction, reg: str) -> bool:
+    return (insn.is_call and insn.is_indirect and len(insn.operands) == 1
+            and insn.operands[0].kind == x86decode.REG and insn.operands[0].reg == reg)
+
+
 def find_merge(code: bytes, va: int) -> Optional[MergeSite]:
-    """The RFC's three instructions, in order, in ``code`` (linked at ``va``).
+    """The RFC's three instructions, in order, in ``code`` (64-bit, linked at ``va``).
 
     All three must be there (``mov %cr3,%rsi`` < ``mov %rax,%cr3`` <
     ``call *%rax``), else None: a build without the merge.
     """
-    a = code.find(MOV_CR3_RSI)
-    if a < 0:
-        return None
-    b = code.find(MOV_RAX_CR3, a + len(MOV_CR3_RSI))
-    if b < 0:
-        return None
-    c = code.find(CALL_RAX, b + len(MOV_RAX_CR3))
-    if c < 0:
-        return None
-    return MergeSite(va + a, va + b, va + c)
+    want = [lambda i: _is_cr3_move(i, False, "rsi"), lambda i: _is_cr3_move(i, True, "rax"),
+            lambda i: _is_call_through(i, "rax")]
+    found: List[int] = []
+    for insn in x86decode.iter_decode(code, va, 64):
+        if want[len(found)](insn):
+            found.append(insn.address)
+            if len(found) == len(want):
+                return MergeSite(*found)
+    return None
 
 
 def find_call_rel32(code: bytes, va: int, target: int) -> Optional[int]:
-    """VA of the first ``call rel32`` in ``code`` whose target is ``target``."""
-    i = code.find(bytes([CALL_REL32]))
-    while 0 <= i <= len(code) - 5:
-        rel = struct.unpack_from("<i", code, i + 1)[0]
-        if va + i + 5 + rel == target:
-            return va + i
-        i = code.find(bytes([CALL_REL32]), i + 1)
+    """VA of the first direct call in ``code`` (64-bit, at ``va``) whose target is ``target``."""
+    for insn in x86decode.iter_decode(code, va, 64):
+        if insn.is_call and insn.branch_target == target:
+            return insn.address
     return None
 
 
@@ -131,50 +142,81 @@ def find_call_rel32(code: bytes, va: int, target: int) -> Optional[int]:
 # identifies the loop (its set-up, or a store in its body).
 _LOOP_REACH = 32
 
+InsnTest = Callable[[Instruction], bool]
 
-def _back_jcc(code: bytes, anchor: int) -> Optional[Tuple[int, int, int]]:
-    """The first conditional jump after index ``anchor`` that jumps back to near
-    ``anchor`` (a loop around or just after it): (index, length, target index).
-    Short (7x rel8) and near (0f 8x rel32) forms; far backward jumps (to an
+
+def _back_jcc(insns: Sequence[Instruction], anchor: int) -> Optional[Instruction]:
+    """The first conditional jump from ``insns[anchor]`` on that jumps back to near
+    that instruction (a loop around or just after it).  Far backward jumps (to an
     error path) are not loops and are passed over."""
-    for i in range(anchor, len(code) - 1):
-        op = code[i]
-        if 0x70 <= op <= 0x7F:
-            length, tgt = 2, i + 2 + struct.unpack_from("<b", code, i + 1)[0]
-        elif op == 0x0F and 0x80 <= code[i + 1] <= 0x8F and i + 6 <= len(code):
-            length, tgt = 6, i + 6 + struct.unpack_from("<i", code, i + 2)[0]
-        else:
-            continue
-        if anchor - _LOOP_REACH <= tgt <= i:
-            return i, length, tgt
+    start = insns[anchor].address
+    for insn in insns[anchor:]:
+        if insn.is_cond_jump and insn.branch_target is not None and \
+                start - _LOOP_REACH <= insn.branch_target <= insn.address:
+            return insn
     return None
 
 
-def find_loop_after(code: bytes, va: int, pattern: bytes) -> Optional[Tuple[int, int]]:
-    """(loop start VA, VA just after the loop) of the loop set up or stored by
-    the instruction ``pattern``: the first backward conditional jump after it
-    that lands near it closes the loop."""
-    i = code.find(pattern)
-    if i < 0:
-        return None
-    hit = _back_jcc(code, i)
-    if hit is None:
-        return None
-    j, length, tgt = hit
-    return va + tgt, va + j + length
-
-
-def find_cr3_load(code: bytes, va: int, root_offset: int) -> Optional[int]:
-    """VA of the trampoline's ``mov %eax,%cr3`` loading Xen's root table:
-    it follows ``mov $offset(idle_pg_table),%eax`` (plus an add of B)."""
-    pat = bytes([MOV_IMM32_EAX]) + struct.pack("<I", root_offset)
-    i = code.find(pat)
-    while i >= 0:
-        j = code.find(MOV_RAX_CR3, i + len(pat), i + len(pat) + _CR3_LOAD_WINDOW)
-        if j >= 0:
-            return va + j
-        i = code.find(pat, i + 1)
+def find_loop_after(code: bytes, va: int, pattern: Union[bytes, InsnTest],
+                    mode: int = 64) -> Optional[Tuple[int, int]]:
+    """(loop start VA, VA just after the loop) of the loop set up or stored by the
+    instruction ``pattern`` (its encoding, or a test on decoded instructions): the
+    first backward conditional jump after it that lands near it closes the loop."""
+    insns = x86decode.decode(code, va, mode)
+    if isinstance(pattern, (bytes, bytearray)):
+        raw = bytes(pattern)
+        test: InsnTest = lambda i: i.raw.startswith(raw)  # noqa: E731
+    else:
+        test = pattern
+    for k, insn in enumerate(insns):
+        if test(insn):
+            jcc = _back_jcc(insns, k)
+            if jcc is None:
+                return None
+            return jcc.branch_target, jcc.next_address
     return None
+
+
+def find_cr3_load(code: bytes, va: int, root_offset: int, mode: int = 32,
+                  starts: Iterable[int] = ()) -> Optional[int]:
+    """VA of the trampoline's ``mov %eax,%cr3`` loading Xen's root table: it follows
+    ``mov $offset(idle_pg_table),%eax`` (plus an add of B) within a few bytes.
+
+    The trampoline mixes 16-, 32- and 64-bit code: decoding restarts at each VA of
+    ``starts`` (its labels), so one mode's misreading never runs into the next."""
+    cuts = sorted({va, *(s for s in starts if va < s < va + len(code))})
+    for lo, hi in zip(cuts, cuts[1:] + [va + len(code)]):
+        insns = x86decode.decode(code[lo - va:hi - va], lo, mode)
+        for k, insn in enumerate(insns):
+            if not (insn.mnemonic.startswith("mov") and _reg_operand(insn, True) == "eax"
+                    and [o.imm for o in insn.immediates()] == [root_offset]):
+                continue
+            for later in insns[k + 1:]:
+                if later.address >= insn.next_address + _CR3_LOAD_WINDOW:
+                    break
+                if _is_cr3_move(later, True, "eax"):
+                    return later.address
+    return None
+
+
+def _is_lea_esi_disp(offset: int) -> InsnTest:
+    """``lea offset(%esi),%eax``: the relocation loop's set-up."""
+    def test(insn: Instruction) -> bool:
+        mem = insn.memory_operands()
+        return (insn.mnemonic.startswith("lea") and len(mem) == 1 and mem[0].base == "esi"
+                and mem[0].index is None and mem[0].disp == offset
+                and _reg_operand(insn, True) == "eax")
+    return test
+
+
+def _is_store_eax_indexed(offset: int) -> InsnTest:
+    """``mov %eax,offset(%esi,%reg,8)``: the l2_xenmap fill's store."""
+    def test(insn: Instruction) -> bool:
+        mem = [o for o in insn.memory_operands() if o.written]
+        return (insn.mnemonic.startswith("mov") and len(mem) == 1 and mem[0].base == "esi"
+                and mem[0].index is not None and mem[0].disp == offset
+                and _reg_operand(insn, False) == "eax")
+    return test
 
 
 # -- the plan ----------------------------------------------------------------------
@@ -324,6 +366,14 @@ def _code(syms, name: str) -> Tuple[int, bytes]:
     return va, syms.read_linked(va, end - va)
 
 
+def _next_insn(syms, va: int, mode: int) -> int:
+    """The VA just after the instruction at ``va``."""
+    insn = x86decode.decode_one(syms.read_linked(va, 15), va, mode)
+    if insn is None:
+        raise GdbextError(f"{syms.path}: no instruction at {va:#x}")
+    return insn.next_address
+
+
 class _PlanBuilder:
     """Collects stops in boot order, and notes for what decoding could not find."""
 
@@ -346,10 +396,10 @@ class _PlanBuilder:
                  "Xen's multiboot2+EFI entry: derive B, snapshot the firmware's tables")
         merge = find_merge(entry_code, entry_va)
         if merge is not None:
-            self.add(MERGE, LOAD, merge.mov_rax_cr3 + len(MOV_RAX_CR3),
+            self.add(MERGE, LOAD, _next_insn(syms, merge.mov_rax_cr3, 64),
                      "just after the switch to the merged L4 (RFC)")
             call_va: Optional[int] = merge.call_rax
-            call_len = len(CALL_RAX)
+            call_len = _next_insn(syms, call_va, 64) - call_va
             self.add(CALL, LOAD, merge.call_rax,
                      "the call of efi_multiboot2 at its linked VA (call *%rax)")
             self.add(EFI_MB2, LINKED, efi_va,
@@ -358,7 +408,7 @@ class _PlanBuilder:
             self.notes.append(f"no RFC merge in {ENTRY} (no mov %cr3,%rsi / mov %rax,%cr3 / "
                               "call *%rax): this build calls efi_multiboot2 at its load address")
             call_va = find_call_rel32(entry_code, entry_va, efi_va)
-            call_len = 5
+            call_len = _next_insn(syms, call_va, 64) - call_va if call_va is not None else 0
             if call_va is None:
                 self.notes.append(f"no call of efi_multiboot2 found in {ENTRY}")
             else:
@@ -379,8 +429,8 @@ class _PlanBuilder:
         reloc_loop = fill_loop = None
         if syms.page_tables_start is not None:
             # lea offset(__page_tables_start)(%esi),%eax sets the loop up.
-            pat = LEA_ESI_DISP32_EAX + struct.pack("<I", syms.offset(syms.page_tables_start))
-            reloc_loop = find_loop_after(ts_code, ts_va, pat)
+            reloc_loop = find_loop_after(
+                ts_code, ts_va, _is_lea_esi_disp(syms.offset(syms.page_tables_start)), mode=32)
         if reloc_loop is None:
             self.notes.append(f"the loop relocating __page_tables was not found in "
                               f"{TRAMPOLINE_SETUP}")
@@ -388,13 +438,9 @@ class _PlanBuilder:
             self.add(TABLES_RELOCATED, LOAD, reloc_loop[1],
                      "after the loop adding B to every present entry of __page_tables")
         if "l2_xenmap" in syms:
-            # mov %eax,offset(l2_xenmap)(%esi,%ecx,8) in the loop body: any SIB byte.
-            want = struct.pack("<I", syms.offset("l2_xenmap"))
-            i = ts_code.find(MOV_EAX_SIB_DISP32)
-            while i >= 0 and ts_code[i + 3:i + 7] != want:
-                i = ts_code.find(MOV_EAX_SIB_DISP32, i + 1)
-            if i >= 0:
-                fill_loop = find_loop_after(ts_code, ts_va, ts_code[i:i + 7])
+            # mov %eax,offset(l2_xenmap)(%esi,%ecx,8) in the loop body: any index.
+            fill_loop = find_loop_after(
+                ts_code, ts_va, _is_store_eax_indexed(syms.offset("l2_xenmap")), mode=32)
         if fill_loop is None:
             self.notes.append(f"the loop filling l2_xenmap was not found in {TRAMPOLINE_SETUP}")
         else:
@@ -412,12 +458,14 @@ class _PlanBuilder:
             return None, None
         t0 = syms.linked_va("trampoline_start")
         size = syms.linked_va("trampoline_end") - t0
-        load = find_cr3_load(syms.read_linked(t0, size), t0, syms.offset("idle_pg_table"))
+        labels = [a for a in _symbol_addrs(syms) if t0 < a < t0 + size]
+        load = find_cr3_load(syms.read_linked(t0, size), t0, syms.offset("idle_pg_table"),
+                             mode=32, starts=labels)
         if load is None:
             self.notes.append("the trampoline's CR3 load was not found; __high_start is the "
                               "first stop with Xen's CR3")
         else:
-            after = load + len(MOV_RAX_CR3)
+            after = _next_insn(syms, load, 32)
             self.add(TRAMPOLINE_CR3, LOW, after, "just after the trampoline loaded CR3 = B + "
                      "offset(idle_pg_table), paging still off", low_offset=after - t0)
         return syms.linked_va(TRAMPOLINE_PHYS), size
