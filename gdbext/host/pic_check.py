@@ -18,6 +18,7 @@ from typing import List, Optional
 from gdbext import paths
 from gdbext.core import piccheck
 from gdbext.core.errors import GdbextError
+from gdbext.core.xensyms import load_xen_syms
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -27,7 +28,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args is None:
             sys.stdout.write(piccheck.help_text(with_syms=True))
             return piccheck.EXIT_CLEAN
-        from gdbext.core.xensyms import load_xen_syms
         syms = load_xen_syms(args.xen_syms or paths.XEN_DEBIAN_SYMS)
         text, _, status = piccheck.run_command(syms, args)
     except GdbextError as e:
