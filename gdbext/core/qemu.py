@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 _MTREE_LINE = re.compile(
-    r"^\s*([0-9a-fA-F]+)-([0-9a-fA-F]+) \(prio -?\d+, ([a-z-]+)\): (\S+)")
+    r"^\s*([0-9a-fA-F]+)-([0-9a-fA-F]+) \(prio -?\d+, ([a-z/-]+)\): (\S+)")
 _AS_LINE = re.compile(r'^\s*AS "([^"]+)"')
 _INFO_MEM_LINE = re.compile(r"^([0-9a-fA-F]+)-([0-9a-fA-F]+) ([0-9a-fA-F]+) ([-u])([-r])([-w])$")
 _GVA2GPA = re.compile(r"^gpa:\s*(?:0x)?([0-9a-fA-F]+)\s*$")

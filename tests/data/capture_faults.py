@@ -29,8 +29,8 @@ from gdbext import paths
 from gdbext.core import faults, paging
 from gdbext.core.errors import MemoryReadError
 from gdbext.core.qemu import parse_descriptor_tables, parse_info_registers, parse_xp_qwords
-from gdbext.gdbdriver import lab_session
-from gdbext.lab import LabConfig
+from gdbext.host.gdbdriver import lab_session
+from gdbext.host.lab import LabConfig
 
 TIMEOUT = 240
 

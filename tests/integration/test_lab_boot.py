@@ -49,9 +49,12 @@ def _stop_by_pid(proc: subprocess.Popen) -> None:
     proc.wait(timeout=GDB_EXIT_TIMEOUT_S)
 
 
-@pytest.mark.skipif(_prerequisites_missing() is not None, reason=str(_prerequisites_missing()))
 @pytest.mark.parametrize("memory_mb", [1024, 4096])
 def test_xen_boots_under_gdb_and_prints_a_sane_load_base(tmp_path, memory_mb):
+    # A missing tool or file is a failure here, as in conftest.py, never a skip.
+    missing = _prerequisites_missing()
+    if missing is not None:
+        pytest.fail(missing)
     lab = L.Lab(L.LabConfig(memory_mb=memory_mb, workdir=tmp_path / "lab"))
     gdb = None
     qemu_pid = None
@@ -92,5 +95,5 @@ def test_xen_boots_under_gdb_and_prints_a_sane_load_base(tmp_path, memory_mb):
         if gdb is not None:
             _stop_by_pid(gdb)
         lab.stop()
-        if qemu_pid is not None:
-            assert _pid_gone(qemu_pid)
+    # Outside ``finally``: an assertion there would hide the test's own failure.
+    assert qemu_pid is not None and _pid_gone(qemu_pid)

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import re
 
+from gdbext.core.xensyms import load_xen_syms
 from gdbext.host.lab import XEN_LOAD_BASE_RE
 
 from .conftest import booted_to
 
 
-def test_entry_base_matches_xen_console(at_entry_consumable):
+def test_entry_base_matches_xen_console(at_entry_consumable, xen_syms_path):
     stop = at_entry_consumable
     assert stop.run["at"] == "load address" and stop.run["resets"] == 0
-    assert stop.console_load_base() == stop.run["load_base"]
+    rip = stop.qemu_registers()["rip"]          # QEMU's, before Xen runs on
+    console_base = stop.console_load_base()
+    assert console_base == stop.run["load_base"]
+    # The entry is at B + offset, B being Xen's own word (not derived from RIP).
+    assert rip == console_base + load_xen_syms(xen_syms_path).offset("__efi64_mb2_start")
 
 
 def test_missed_guess_resets_and_stops_on_next_boot(xen_syms_path):

@@ -36,6 +36,12 @@ def syms():
 
 
 @pytest.fixture(scope="module")
+def xen_slot(syms):
+    """The L4 slot of XEN_VIRT_START (where xen-syms' __image_base__ is linked)."""
+    return (syms.linked_va("__image_base__") >> 39) & 511
+
+
+@pytest.fixture(scope="module")
 def walked(tmp_path_factory):
     """A boot from reset through the whole walkthrough (JSON, with SVGs); QEMU's own
     translation of RIP at the last stop; then B from Xen's console."""
@@ -63,7 +69,7 @@ def test_runs_every_stop_of_the_plan(walked, syms):
         assert s["lesson"] == wt.lesson(s["stop"]).text and s["title"]
 
 
-def test_walks_land_where_xen_syms_says(walked, syms):
+def test_walks_land_where_xen_syms_says(walked, syms, xen_slot):
     out, _, qemu_pa, _ = walked
     base = out["load_base"]
     stops = by_stop(out)
@@ -76,8 +82,8 @@ def test_walks_land_where_xen_syms_says(walked, syms):
     setup = stops[bootstops.TRAMPOLINE_SETUP]
     assert setup["paging"] is False
     l4 = setup["walk"]["levels"][0]
-    assert l4["table"] == base + syms.offset("idle_pg_table") and l4["index"] == 261
-    assert l4["entry"] == syms.link_qwords("idle_pg_table", 512)[261]
+    assert l4["table"] == base + syms.offset("idle_pg_table") and l4["index"] == xen_slot
+    assert l4["entry"] == syms.link_qwords("idle_pg_table", 512)[xen_slot]
     assert setup["walk"]["pa"] is None and "unrelocated" in l4["note"]
     # Relocated, but l2_xenmap not yet filled: the walk stops at L2.
     relocated = stops[bootstops.TABLES_RELOCATED]["walk"]
@@ -96,13 +102,13 @@ def test_walks_land_where_xen_syms_says(walked, syms):
     assert last["walk"]["pa"] == qemu_pa == base + syms.offset("__start_xen")
 
 
-def test_entry_compares_raw_and_relocated_merge(walked, syms):
+def test_entry_compares_raw_and_relocated_merge(walked, syms, xen_slot):
     out, _, _, _ = walked
     base = out["load_base"]
     comp = by_stop(out)[bootstops.ENTRY]["comparison"]
-    link = syms.link_qwords("idle_pg_table", 512)[261]
+    link = syms.link_qwords("idle_pg_table", 512)[xen_slot]
     raw, rel = comp["raw"], comp["relocated"]
-    assert raw["slot"] == rel["slot"] == 261
+    assert raw["slot"] == rel["slot"] == xen_slot
     assert raw["entry"] == link and rel["entry"] == link + base
     assert raw["walk"]["levels"][1]["table"] == syms.offset("l3_xenmap")
     assert raw["walk"]["pa"] is None and raw["bytes_match"] is not True
@@ -112,7 +118,7 @@ def test_entry_compares_raw_and_relocated_merge(walked, syms):
     assert all(c["status"] != "FAIL" for c in comp["verdicts"]["relocated"])
 
 
-def test_one_valid_svg_per_stop(walked):
+def test_one_valid_svg_per_stop(walked, xen_slot):
     out, svg_dir, _, _ = walked
     files = sorted(p.name for p in svg_dir.glob("*.svg"))
     assert files == sorted(os.path.basename(s["svg"]) for s in out["stops"])
@@ -120,8 +126,8 @@ def test_one_valid_svg_per_stop(walked):
     entry = ET.parse(svg_dir / files[0]).getroot()
     assert entry.tag == SVG_NS + "svg"
     text = " ".join(t.text or "" for t in entry.iter(SVG_NS + "text"))
-    # The firmware tree and the two predicted merges, slot 261 in both.
-    assert text.count("L4[261]") >= 2 and "unrelocated" in text and "relocated" in text
+    # The firmware tree and the two predicted merges, Xen's slot in both.
+    assert text.count(f"L4[{xen_slot}]") >= 2 and "unrelocated" in text and "relocated" in text
     for name in files[1:]:
         assert ET.parse(svg_dir / name).getroot().tag == SVG_NS + "svg"
 

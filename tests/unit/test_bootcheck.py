@@ -29,9 +29,14 @@ def readelf_build_id(path: Path) -> str:
     return re.search(r"Build ID: ([0-9a-f]+)", out).group(1)
 
 
-def altered_syms(tmp_path: Path) -> Path:
-    """A copy of xen-syms whose build-id note says something else (offset from pyelftools)."""
+def altered_syms(tmp_path: Path, monkeypatch) -> Path:
+    """A copy of xen-syms whose build-id note says something else (offset from pyelftools).
+    Its parsed symbols are cached under tmp_path, not in the shared cache (where each run
+    would leave one more xen-syms-wrong-*.json, the copy's path being new each time)."""
     from elftools.elf.elffile import ELFFile
+
+    from gdbext.core import xensyms
+    monkeypatch.setattr(xensyms, "default_cache_dir", lambda: tmp_path / "syms")
 
     copy = tmp_path / "xen-syms-wrong"
     shutil.copyfile(paths.XEN_DEBIAN_SYMS, copy)
@@ -122,8 +127,8 @@ def test_image_build_id_is_the_one_readelf_sees_in_xen_syms(tmp_path):
     assert seen == {"xen_syms": want, "image": want, "match": True}
 
 
-def test_static_check_names_both_ids(tmp_path):
-    wrong = altered_syms(tmp_path)
+def test_static_check_names_both_ids(tmp_path, monkeypatch):
+    wrong = altered_syms(tmp_path, monkeypatch)
     wrong_id = readelf_build_id(wrong)
     right_id = readelf_build_id(paths.XEN_DEBIAN_SYMS)
     assert wrong_id != right_id
@@ -146,11 +151,18 @@ def run_script(*argv, timeout=60):
     return subprocess.run([str(SCRIPT), *argv], capture_output=True, text=True, timeout=timeout)
 
 
-def test_wrong_xen_syms_exits_2_before_booting(tmp_path):
-    wrong = altered_syms(tmp_path)
+def test_wrong_xen_syms_exits_2_before_booting(tmp_path, monkeypatch):
+    wrong = altered_syms(tmp_path, monkeypatch)
     report, xml = tmp_path / "r.json", tmp_path / "j.xml"
-    proc = run_script("--xen", str(paths.XEN_DEBIAN_IMAGE), "--xen-syms", str(wrong),
-                      "--report", str(report), "--junit", str(xml))
+    # The script (another process) caches the copy's symbols in the shared cache:
+    # remove that file afterwards, pass or fail (the copy's path is new each run).
+    from gdbext.core import xensyms
+    left = xensyms._cache_file(paths.CACHE_DIR / "syms", wrong.resolve())
+    try:
+        proc = run_script("--xen", str(paths.XEN_DEBIAN_IMAGE), "--xen-syms", str(wrong),
+                          "--report", str(report), "--junit", str(xml))
+    finally:
+        left.unlink(missing_ok=True)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "build-id mismatch" in lines[0]

@@ -312,6 +312,20 @@ def test_i1(syms):
     assert r.status == SKIP and "firmware" in r.summary
 
 
+
+def test_i1_sees_firmware_changes_in_the_upper_half_too(syms):
+    """The firmware writing its L4's slots 256..511 after the copy is a change M
+    does not have either (the re-read compares all 512 slots, not only 0..255)."""
+    g, pred = predicted(syms, True)
+    captured = g.mem.read_phys(g.firmware_root, PAGE)
+    slot = 256 + 44                  # upper half: VA bit 47 set (SDM 4-level paging)
+    assert u64(g.mem, g.firmware_root + 8 * slot) == 0
+    g.mem.write_u64(g.firmware_root + 8 * slot, FOREIGN_TABLE | P | RW)
+    r = check(state_for(g, pred, firmware_l4=captured, mem=pred.mem), "I1")
+    assert r.status == FAIL and "changed its L4" in r.summary and f"slot {slot}" in r.summary
+    assert r.evidence["firmware_changed"] == [
+        {"slot": slot, "captured": 0, "now": FOREIGN_TABLE | P | RW}]
+
 # --- I2 -----------------------------------------------------------------------------------
 
 def test_i2(syms):
@@ -455,6 +469,20 @@ def test_i6_translation_elsewhere_in_the_image(syms):
     r = check(state_for(g, pred), "I6")
     assert r.status == FAIL and "not B + offset" in r.summary
 
+
+
+def test_i6_call_target_mapped_nx_fails(syms):
+    """efi_multiboot2's linked VA reaching the right bytes through a no-execute leaf
+    is a fault at the call: I6 FAILs saying so (EFER.NXE is set at the entry)."""
+    g, pred = predicted(syms, True)
+    assert check(state_for(g, pred), "I6").status == PASS
+    leaf_pa = pa(syms, g.load_base, "l2_xenmap") + 8 * (syms.offset("efi_multiboot2") >> 21)
+    leaf = u64(pred.mem, leaf_pa)
+    assert leaf & P and leaf & PS and not leaf & NX      # a 2 MiB leaf of l2_xenmap
+    pred.mem.write_u64(leaf_pa, leaf | NX)
+    r = check(state_for(g, pred), "I6")
+    assert r.status == FAIL and "is mapped NX" in r.summary
+    assert r.evidence["pa"] == pa(syms, g.load_base, "efi_multiboot2")
 
 def test_i6_at_the_call_and_in_efi_multiboot2(syms, relocated):
     g, pred = relocated

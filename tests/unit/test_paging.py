@@ -906,6 +906,28 @@ def test_window_clips_and_reads_only_needed_tables():
     assert set(cm.page_reads) == {t["root"], t["a3"], t["a2"], t["a1"], t["b1"]}
 
 
+
+def test_window_ending_on_an_entry_boundary_reads_and_notes_nothing_past_it():
+    """A window whose end falls on an entry boundary stops at that entry: the next
+    entry's table is not read, and a bad entry just past the end is not noted."""
+    b, t = window_tree()
+    rsvd = 1 << 45                         # reserved in a PTE when MAXPHYADDR is 40 (SDM 4.5)
+    b.update(0x4020_0000, 1, set_bits=rsvd)               # first entry of L1 table b1
+    b.set_entry(t["a1"], 16, 0x700_0000 | PRWU | rsvd)    # L1 a1[16]: VA 0x4001_0000
+    whole = b.enumerate(maxphyaddr=40)
+    assert sorted(n.va for n in notes_of(whole, "reserved")) == [0x4001_0000, 0x4020_0000]
+    # The end on an L2 boundary: L2 entry 1 (-> b1) is outside.
+    cm = CountingMemory(b.mem)
+    en = b.enumerate(lo=0x4000_0000, hi=0x4020_0000, mem=cm, maxphyaddr=40)
+    assert set(cm.page_reads) == {t["root"], t["a3"], t["a2"], t["a1"]}
+    assert [n.va for n in en.notes] == [0x4001_0000]         # inside the window: noted
+    # The end on an L1 boundary, just before the bad entry.
+    cm = CountingMemory(b.mem)
+    en = b.enumerate(lo=0x4000_8000, hi=0x4001_0000, mem=cm, maxphyaddr=40)
+    assert en.ranges == [(0x4000_8000, 0x4001_0000, 0x100_8000, SIZE_4K, RWU)]
+    assert en.notes == []
+    assert set(cm.page_reads) == {t["root"], t["a3"], t["a2"], t["a1"]}
+
 def test_window_spanning_canonical_halves():
     b, t = window_tree()
     cm = CountingMemory(b.mem)
@@ -1348,3 +1370,11 @@ def test_property_windows(data, mode):
     assert en.ranges == expected
     assert cm.max_reads_per_page <= 1
     assert set(cm.page_reads) <= set(full_cm.page_reads)
+    # Notes only for entries whose span meets the window, and only entries the
+    # full enumeration notes too.
+    mode_obj = b.mode
+    for n in en.notes:
+        span = 1 << level_shift(mode_obj, n.level)
+        assert n.va < hi and n.va + span > lo, (n, hex(lo), hex(hi))
+    assert ({(n.kind, n.level, n.entry_pa, n.entry) for n in en.notes}
+            <= {(n.kind, n.level, n.entry_pa, n.entry) for n in full.notes})
