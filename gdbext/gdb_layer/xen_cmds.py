@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Tuple
 
 import gdb
 
-from ..core import bootstops, paging, render, xenimage
+from ..core import bootstops, multiboot2, paging, render, xenimage
 from ..core.errors import GdbextError
 from ..core.xenimage import BuildIdCheck, LoadedXen
 from ..core.xensyms import XEN_PHYS_START_SYMBOL, load_xen_syms
@@ -538,7 +538,7 @@ def locate_cheap() -> Optional[Tuple[int, str]]:
                     return b, f"{XEN_PHYS_START_SYMBOL} at its PA"
         eax, rbx = _register("rax"), _register("rbx")
         if eax is not None and rbx is not None and (
-                eax & 0xFFFFFFFF) == xenimage.MB2_BOOTLOADER_MAGIC:
+                eax & 0xFFFFFFFF) == multiboot2.MB2_BOOTLOADER_MAGIC:
             b = xenimage.base_from_mbi(mem, syms, rbx & 0xFFFFFFFF)
             if b is not None:
                 return b, "multiboot2 MBI (%rbx) tag LOAD_BASE_ADDR"
