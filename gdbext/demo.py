@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import paths
 from .core.errors import GdbextError
-from .core.l4merge import CALL_TARGET  # the function the RFC calls at its linked VA
+from .core.merge_predict import CALL_TARGET  # the function the RFC calls at its linked VA
 from .core.stopnames import ENTRY
 from .gdbdriver import GDBINIT, GdbSession, gdb_binary
 from .lab import Lab, LabConfig

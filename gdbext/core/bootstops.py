@@ -42,11 +42,11 @@ import bisect
 import struct
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 from . import x86
 from .errors import GdbextError
-from .l4merge import CHECK_IDS, CHECKS_AT_STOP, FAIL, STATUSES
+from .merge_catalog import CHECK_IDS, CHECKS_AT_STOP, FAIL, STATUSES
 
 # -- stop names (the shared contract) ------------------------------------------
 
@@ -65,12 +65,11 @@ LINKED = "linked"  # the ELF's VA
 LOW = "low"        # trampoline_phys + (instruction - trampoline_start)
 
 
-# Which invariants each stop judges is l4merge's fact (CHECKS_AT_STOP), not
-# repeated here; stops it does not list ("tables relocated", "l2_xenmap
-# filled") report what changed and run no check.  With --predict, the entry
-# (and the call of a build without the merge, where CR3 is still the
-# firmware's) judges the predicted merge: every check.
-ALL_CHECKS: Tuple[str, ...] = CHECK_IDS
+# Which invariants each stop judges is merge_catalog's fact (CHECKS_AT_STOP),
+# not repeated here; a stop with none (trampoline_setup: paging off) reports what
+# changed and runs no check.  With --predict, the entry (and the call of a build
+# without the merge, where CR3 is still the firmware's) judges the predicted
+# merge: every check (CHECK_IDS).
 
 
 # -- instruction decoding (just enough, on raw bytes) ------------------------------
@@ -186,7 +185,7 @@ class BootStop:
     kind: str                 # LOAD, LINKED or LOW
     linked_va: int            # the instruction in the ELF
     offset: int               # linked_va - XEN_VIRT_START (B + offset = load address)
-    checks: Tuple[str, ...]   # the checks that apply here (l4merge.CHECKS_AT_STOP)
+    checks: Tuple[str, ...]   # the checks that apply here (merge_catalog.CHECKS_AT_STOP)
     why: str                  # one line: what this stop is for
     low_offset: Optional[int] = None  # LOW: instruction - trampoline_start
 
@@ -244,7 +243,7 @@ class StopPlan:
         firmware's table, as at the entry: the entry's checks apply there, not
         those of a merged table that does not exist."""
         if predict and self.predicts_at(stop):
-            return ALL_CHECKS
+            return CHECK_IDS
         if stop.name == CALL and not self.patched:
             entry = self.get(ENTRY)
             firmware = entry.checks if entry is not None else ()
@@ -560,21 +559,6 @@ def diff_snapshots(old: Optional[TablesSnapshot], new: TablesSnapshot) -> Dict[s
     out["boot_changed"] = per
     out["boot_qwords_changed"] = sum(per.values())
     return out
-
-
-def qwords(raw: bytes) -> Tuple[int, ...]:
-    return struct.unpack(f"<{len(raw) // 8}Q", raw[:len(raw) // 8 * 8])
-
-
-def select_checks(applicable: Sequence[str], only: Optional[Iterable[str]] = None,
-                  skip: Optional[Iterable[str]] = None) -> List[str]:
-    """The ids to run at a stop: those that apply, narrowed by --only and --skip."""
-    want = {c.upper() for c in _norm_names(only)} if only else None
-    drop = {c.upper() for c in _norm_names(skip)} if skip else set()
-    bad = sorted(((want or set()) | drop) - set(ALL_CHECKS))
-    if bad:
-        raise GdbextError(f"unknown check {', '.join(bad)}; checks are I0..I13")
-    return [c for c in applicable if (want is None or c in want) and c not in drop]
 
 
 # -- text ------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 The drawing is ``gdbext.core.diagram``; this module only gathers what it
 needs from the target (registers, memory, Xen's symbols and load base) and
-the predicted merge from ``gdbext.core.l4merge``.  Other commands (xen-pt
+the predicted merge from ``gdbext.core.merge_predict``.  Other commands (xen-pt
 --svg, the walkthrough) call ``write_diagram``.
 """
 
@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 
 import gdb
 
-from ..core import bootstops, diagram, l4merge, render
+from ..core import bootstops, diagram, merge_predict, render
 from ..core.errors import GdbextError
 from ..core.xenimage import LoadedXen
 from . import xen_cmds
@@ -64,7 +64,8 @@ def _where(xen: Optional[LoadedXen]) -> Tuple[Optional[str], str]:
 
 
 def _predicted(sit, cache, xen: LoadedXen, relocate: bool) -> diagram.TreeModel:
-    pred = l4merge.predict_merge(xen.syms, cache, xen.load_base, sit.root, relocate=relocate)
+    pred = merge_predict.predict_merge(xen.syms, cache, xen.load_base, sit.root,
+                                       relocate=relocate)
     title = ("predicted merge, pointers relocated (+B)" if relocate
              else "predicted merge (the RFC as posted)") + f", M in {pred.table_source}"
     return diagram.build_model(sit.ctx, pred.mem, pred.root, xen, title,

@@ -2,9 +2,10 @@
 
 The RFC (``rfc-efi-multiboot2-linked-address.txt``) merges the firmware's L4
 lower half with ``idle_pg_table``'s upper half at ``__efi64_mb2_start`` and
-calls ``efi_multiboot2`` at its linked VA.  The checks and the prediction are
-``core.l4merge``'s; this module only gathers their inputs from the stopped
-guest, prints, and (``xen-l4merge-apply``, on request only) writes.
+calls ``efi_multiboot2`` at its linked VA.  The prediction is
+``core.merge_predict``'s and the checks ``core.merge_checks``'; this module only
+gathers their inputs from the stopped guest, prints, and (``xen-l4merge-apply``,
+on request only) writes.
 
 Module state, one per GDB session, forgotten on a new boot (a stop at the
 entry again, or the connection going away):
@@ -29,7 +30,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import gdb
 from tabulate import tabulate
 
-from ..core import bootstops, l4merge, paging, render, x86
+from ..core import (bootstops, merge_catalog, merge_checks, merge_predict, merge_report,
+                    multiboot2, paging, render, x86)
 from ..core.errors import GdbextError
 from ..core.memory import SyntheticMemory
 from ..core.xenimage import LoadedXen
@@ -40,8 +42,8 @@ from .paging_cmds import cpu_context, maxphyaddr
 
 ENTRY = bootstops.ENTRY                 # "__efi64_mb2_start"
 CALL = bootstops.CALL                   # "call efi_multiboot2"
-CALL_TARGET = l4merge.CALL_TARGET       # "efi_multiboot2", the symbol
-MERGE_TABLE_SYMBOL = l4merge.PATCH_TABLE  # the RFC's merged table (patched builds only)
+CALL_TARGET = merge_predict.CALL_TARGET       # "efi_multiboot2", the symbol
+MERGE_TABLE_SYMBOL = merge_predict.PATCH_TABLE  # the RFC's merged table (patched builds only)
 SNAPSHOT_REGISTERS = ("cr0", "cr3", "cr4", "efer", "rip", "rsp", "rbx")
 CHECK_REGISTERS = ("cr0", "cr3", "cr4", "efer", "rip", "rsp", "rax", "rbx")
 # Continuing from the entry to the call instruction takes microseconds of guest time;
@@ -249,17 +251,17 @@ def remember_firmware() -> dict:
 
 
 def _predict_from(lx: LoadedXen, fw_root: int, fw_l4: Optional[bytes], relocate: bool,
-                  table: Optional[int] = None) -> l4merge.Prediction:
+                  table: Optional[int] = None) -> merge_predict.Prediction:
     """The RFC's merge predicted from F as captured (``fw_l4``), even if the firmware
     changed its L4 since; nothing is written to the guest.  Inside phys_mode."""
     fw_mem = SyntheticMemory(ram_size=1 << x86.MAXPHYADDR_ARCH, base=target().cache)
     if fw_l4 is not None:
         fw_mem.write(fw_root, fw_l4)
-    return l4merge.predict_merge(lx.syms, fw_mem, lx.load_base, fw_root, relocate=relocate,
-                                 table_pa=table)
+    return merge_predict.predict_merge(lx.syms, fw_mem, lx.load_base, fw_root,
+                                       relocate=relocate, table_pa=table)
 
 
-def predicted_merge(relocate: bool = False) -> l4merge.Prediction:
+def predicted_merge(relocate: bool = False) -> merge_predict.Prediction:
     """The RFC's merged L4 as it would be built from the firmware's L4 (captured at
     __efi64_mb2_start, or CR3 itself while it is still the firmware's), for
     ``xen-pt --root merge`` and friends.  Inside phys_mode; writes nothing."""
@@ -278,20 +280,21 @@ def predicted_merge(relocate: bool = False) -> l4merge.Prediction:
 
 # --- the checks ---------------------------------------------------------------------
 
-def _skip_result(check_id: str, why: str) -> l4merge.CheckResult:
-    info = l4merge.CHECKS[check_id]
-    return l4merge.CheckResult(check_id, info.title, l4merge.SKIP, why, {}, info.reviewer)
+def _skip_result(check_id: str, why: str) -> merge_catalog.CheckResult:
+    info = merge_catalog.CHECKS[check_id]
+    return merge_catalog.CheckResult(check_id, info.title, merge_catalog.SKIP, why, {},
+                                     info.reviewer)
 
 
 def _evaluate(stop: Optional[str] = None, predict: bool = False,
               assume_relocated: bool = False, only: Optional[Iterable[str]] = None,
               skip: Optional[Iterable[str]] = None, table: Optional[int] = None,
               firmware_root: Optional[int] = None
-              ) -> Tuple[dict, List[l4merge.CheckResult], Dict[str, object]]:
+              ) -> Tuple[dict, List[merge_catalog.CheckResult], Dict[str, object]]:
     """(the JSON contract, the results, context for the text header)."""
     lx = _loaded()
     syms, base = lx.syms, lx.load_base
-    wanted = l4merge.select(only, skip)
+    wanted = merge_catalog.select(only, skip)
     plan = bootstops.plan_for(syms)
     t = target()
     _forget_if_new_boot(t.read_register("rip"))
@@ -354,33 +357,33 @@ def _evaluate(stop: Optional[str] = None, predict: bool = False,
             merged = prediction.root
             merged_source = f"predicted ({prediction.table_source})"
             state_regs["cr3"] = prediction.root   # the CPU's CR3 once the patch switched
-            applicable: Sequence[str] = l4merge.CHECK_IDS
+            applicable: Sequence[str] = merge_catalog.CHECK_IDS
         elif merged is not None:
             mem = t.cache
-            applicable = (l4merge.CHECK_IDS if here == ENTRY
-                          else l4merge.CHECKS_AT_STOP.get(here, l4merge.CHECK_IDS))
+            applicable = (merge_catalog.CHECK_IDS if here == ENTRY
+                          else merge_catalog.CHECKS_AT_STOP.get(here, merge_catalog.CHECK_IDS))
         else:
             mem = t.cache
-            applicable = l4merge.CHECKS_AT_STOP.get(
+            applicable = merge_catalog.CHECKS_AT_STOP.get(
                 here, ("I9",) if here == bootstops.AFTER_START_XEN else ())
 
         mbi = None
         if snap is not None:
             try:
-                mbi = l4merge.parse_mbi(mem, snap.rbx & 0xFFFF_FFFF)
+                mbi = multiboot2.parse_mbi(mem, snap.rbx & 0xFFFF_FFFF)
             except GdbextError:
                 mbi = None
-        state = l4merge.MergeState(syms=syms, load_base=base, mem=mem, regs=state_regs,
-                                   firmware_root=fw_root, firmware_cr3=fw_cr3,
-                                   firmware_l4=fw_l4, merged_root=merged, stop=here,
-                                   maxphyaddr=maxphyaddr(), mbi=mbi)
+        state = merge_checks.MergeState(syms=syms, load_base=base, mem=mem, regs=state_regs,
+                                        firmware_root=fw_root, firmware_cr3=fw_cr3,
+                                        firmware_l4=fw_l4, merged_root=merged, stop=here,
+                                        maxphyaddr=maxphyaddr(), mbi=mbi)
         run_ids = [c for c in wanted if c in applicable]
-        results = list(l4merge.run_checks(state, only=run_ids)) if run_ids else []
+        results = list(merge_checks.run_checks(state, only=run_ids)) if run_ids else []
     by_id = {r.id: r for r in results}
     why_not = (f"does not apply at {here} (here: {', '.join(applicable)})" if applicable
                else f"does not apply at {here}: no check does")
     ordered = [by_id.get(c) or _skip_result(c, why_not) for c in wanted]
-    result = l4merge.results_as_dict(mode, here, state, ordered)
+    result = merge_report.results_as_dict(mode, here, state, ordered)
     context = {"mode": mode, "stop": here, "load_base": base, "firmware_root": fw_root,
                "firmware_source": fw_source, "table": merged, "table_source": merged_source}
     return result, ordered, context
@@ -399,7 +402,7 @@ def check_here(stop: Optional[str] = None, predict: bool = False,
 
 def failed_line(result: dict) -> Optional[str]:
     """The one-line error for a result with FAILs (CI's exit status), else None."""
-    failed = [c["id"] for c in result["checks"] if c["status"] == l4merge.FAIL]
+    failed = [c["id"] for c in result["checks"] if c["status"] == merge_catalog.FAIL]
     if not failed:
         return None
     noun = "check" if len(failed) == 1 else "checks"
@@ -466,7 +469,7 @@ class L4MergeCheckCommand(XenCommand):
             if ctx["table"] is not None:
                 head.append(f"merged L4 M = {ctx['table']:#x} ({ctx['table_source']})")
             gdb.write("; ".join(head) + "\n")
-            gdb.write(l4merge.render_text(results, color=use_color(from_tty)) + "\n")
+            gdb.write(merge_report.render_text(results, color=use_color(from_tty)) + "\n")
         line = failed_line(result)
         if line:
             raise GdbextError(line)
@@ -552,11 +555,11 @@ def apply_merge(relocate: bool = False) -> dict:
     snap = firmware_snapshot()
     assert snap is not None
     with t.phys_mode():
-        prediction = l4merge.predict_merge(syms, t.cache, lx.load_base, snap.root,
-                                           relocate=relocate)
+        prediction = merge_predict.predict_merge(syms, t.cache, lx.load_base, snap.root,
+                                                 relocate=relocate)
     journal = Journal(lx.load_base, relocated=relocate, table_source=prediction.table_source)
     SESSION.journal = journal
-    fills = l4merge.fill_slots(lx)
+    fills = merge_predict.fill_slots(lx)
     try:
         for pa in sorted(prediction.writes):
             data = prediction.writes[pa]

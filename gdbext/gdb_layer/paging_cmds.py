@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 import gdb
 
-from ..core import l4merge, paging, render, x86, xenimage
+from ..core import merge_predict, paging, render, x86, xenimage
 from ..core.errors import GdbextError
 from ..core.paging import ATTR_NX, ATTR_U, ATTR_W, MODES, PagingContext
 from . import xen_cmds
@@ -139,7 +139,7 @@ def situation(args: argparse.Namespace) -> Situation:
         pred = merge_cmds.predicted_merge(relocate=MERGE_ROOTS[args.root])
         return Situation(regs, ctx, pred.root,
                          f"{args.root}: predicted, M in {pred.table_source}",
-                         mem=pred.mem, judge_root_as=l4merge.IDLE_L4)
+                         mem=pred.mem, judge_root_as=xenimage.IDLE_L4)
     root = parse_address(args.root, "root table", space="pa")
     align = 32 if ctx.mode is paging.MODE_PAE else x86.PAGE_SIZE
     if root & (align - 1):
@@ -335,7 +335,7 @@ def judge_raw(loaded, entry_pa: int, raw: int, sit: Optional[Situation] = None
     if sit is not None and sit.judge_root_as and \
             sit.root <= entry_pa < sit.root + x86.PAGE_SIZE:
         index = (entry_pa - sit.root) // 8
-        if index < l4merge.L4_HALF:
+        if index < merge_predict.L4_HALF:
             return None  # the firmware's half of a merged L4
         return loaded.judge_entry(sit.judge_root_as, index, raw)
     hit = loaded.table_at(entry_pa)

@@ -21,10 +21,12 @@ from typing import Dict, List, Optional
 
 import gdb
 
-from ..core import bootstops, l4merge, render, x86
+from ..core import bootstops, merge_catalog, render, x86
 from ..core.bootstops import (ENTRY, LOW, STOP_ORDER, BootStop, TablesSnapshot,
-                              diff_snapshots, qwords, select_checks, where_in_boot)
+                              diff_snapshots, where_in_boot)
 from ..core.errors import GdbextError, MemoryReadError
+from ..core.memory import qwords
+from ..core.merge_catalog import select_checks
 from ..core.xenimage import LoadedXen
 from . import merge_cmds, xen_cmds
 from .backend import target
@@ -63,7 +65,7 @@ class Session:
         self.selected: List[BootStop] = self.plan.select(args.stops or None,
                                                          args.skip_stops or None)
         # Validate --only/--skip now: a typo is one error line before anything runs.
-        select_checks(bootstops.ALL_CHECKS, args.only or None, args.skip or None)
+        select_checks(merge_catalog.CHECK_IDS, args.only or None, args.skip or None)
         self.helpers: List[BootStop] = self._helpers()
         self.load_base: Optional[int] = None
         self.xen: Optional[LoadedXen] = None
@@ -306,16 +308,16 @@ class Session:
         return {"load_base": self.load_base,
                 "complete": reached == [s.name for s in self.selected],
                 "reached": reached, "stops": self.records, "counts": counts,
-                "ok": counts[l4merge.FAIL] == 0 and error is None, "error": error,
+                "ok": counts[merge_catalog.FAIL] == 0 and error is None, "error": error,
                 "notes": notes}
 
 
 def _counts(checks: List[dict]) -> Dict[str, int]:
-    return l4merge.tally(c["status"] for c in checks)
+    return merge_catalog.tally(c["status"] for c in checks)
 
 
 def _failed(record: dict) -> bool:
-    return any(c["status"] == l4merge.FAIL for c in record["checks"])
+    return any(c["status"] == merge_catalog.FAIL for c in record["checks"])
 
 
 # -- interactive mode: reports from GDB's stop event -------------------------------------
@@ -466,7 +468,7 @@ class Mb2BreakCommand(XenCommand):
         else:
             gdb.write(bootstops.summary_text(result) + "\n")
         failed = [f"{c['id']} at {r['stop']}" for r in result["stops"] for c in r["checks"]
-                  if c["status"] == l4merge.FAIL]
+                  if c["status"] == merge_catalog.FAIL]
         if failed:
             raise GdbextError(f"xen-mb2-break: {len(failed)} check(s) failed: "
                               + ", ".join(failed[:6]) + (" ..." if len(failed) > 6 else ""))

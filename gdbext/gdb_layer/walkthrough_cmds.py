@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 import gdb
 
 from ..core import bootstops as bs
-from ..core import l4merge, paging, render, x86
+from ..core import merge_catalog, paging, render, x86
 from ..core import walkthrough as wt
 from ..core.errors import GdbextError
 from ..core.xenimage import LoadedXen
@@ -137,7 +137,7 @@ def entry_comparison(xen: LoadedXen, regs: Dict[str, int]) -> dict:
     try:
         for relocate in (False, True):
             res = merge_cmds.check_here(stop=bs.ENTRY, predict=True, assume_relocated=relocate,
-                                        only=list(l4merge.CALL_CHECKS), skip=None)
+                                        only=list(merge_catalog.CALL_CHECKS), skip=None)
             verdicts["relocated" if relocate else "raw"] = [
                 {"id": c["id"], "status": c["status"], "summary": c["summary"]}
                 for c in res.get("checks") or []]

@@ -14,7 +14,7 @@ import struct
 
 import pytest
 
-from gdbext.core.l4merge import CALL_CHECKS
+from gdbext.core.merge_catalog import CALL_CHECKS
 from gdbext.core.qemu import parse_gva2gpa
 from gdbext.core.xensyms import load_xen_syms
 
