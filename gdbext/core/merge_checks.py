@@ -277,6 +277,8 @@ class CheckInputs:
 # --- the checks ---------------------------------------------------------------------------
 
 def check_paging_mode(inp: CheckInputs) -> CheckResult:
+    """I0: 4-level long mode (PG, PAE, LMA; no LA57), and no low bits in CR3 nor in the
+    firmware's CR3 the merge copies from."""
     cr0, cr3, cr4, efer = inp.need_regs("cr0", "cr3", "cr4", "efer")
     bad = []
     if not cr0 & x86.CR0_PG:
@@ -302,6 +304,8 @@ def check_paging_mode(inp: CheckInputs) -> CheckResult:
 
 
 def check_lower_half_copied(inp: CheckInputs) -> CheckResult:
+    """I1: M[0..255] equals the firmware's L4, and the firmware has not changed its
+    L4 since it was captured."""
     m = inp.m_entries()
     f = inp.f_captured()
     diff = [i for i in range(L4_HALF) if not LoadedXen.same_entry(m[i], f[i])]
@@ -330,6 +334,7 @@ def check_lower_half_copied(inp: CheckInputs) -> CheckResult:
 
 
 def check_firmware_upper_half_empty(inp: CheckInputs) -> CheckResult:
+    """I2: the firmware's L4 has nothing in slots 256..511 (the merge drops them)."""
     f = inp.f_captured()
     present = [i for i in range(L4_HALF, ENTRIES) if f[i] & x86.PTE_P]
     ev: Dict[str, object] = {"firmware_root": inp.froot}
@@ -342,6 +347,7 @@ def check_firmware_upper_half_empty(inp: CheckInputs) -> CheckResult:
 
 
 def check_upper_half_relocated(inp: CheckInputs) -> CheckResult:
+    """I3: M[256..511] equal idle_pg_table's link values + B."""
     m = inp.m_entries()
     faults = []
     for i in range(L4_HALF, ENTRIES):
@@ -365,6 +371,8 @@ def check_upper_half_relocated(inp: CheckInputs) -> CheckResult:
 
 
 def check_upper_half_pointers(inp: CheckInputs) -> CheckResult:
+    """I4: every pointer under M[256..511] reaches Xen's tables in the loaded image,
+    relocated once."""
     faults, seen, tables = inp.upper_tree()
     ev: Dict[str, object] = {"pointers": seen, "tables": len(tables),
                              "image_pa_start": inp.xen.image_pa_start,
@@ -379,6 +387,7 @@ def check_upper_half_pointers(inp: CheckInputs) -> CheckResult:
 
 
 def check_l2_xenmap_fill(inp: CheckInputs) -> CheckResult:
+    """I5: l2_xenmap's slots over the image map B + slot * 2 MiB, PSE+RWX."""
     b = inp.state.load_base
     first, last, _pte = fill_slots(inp.xen)[FILL_XENMAP]
     base = inp.xen.pa(FILL_XENMAP)
@@ -412,6 +421,9 @@ def check_l2_xenmap_fill(inp: CheckInputs) -> CheckResult:
 
 
 def check_call_target_reachable(inp: CheckInputs) -> CheckResult:
+    """I6: efi_multiboot2's linked VA translates through M to B + offset, its bytes
+    there are the ELF's, [_start, _end) maps B + offset, and the registers agree
+    at the call."""
     root = inp.need_root()
     name = CALL_TARGET
     sym = inp.syms.lookup(name)
@@ -449,7 +461,9 @@ def check_call_target_reachable(inp: CheckInputs) -> CheckResult:
                   f"[_start, _end) maps B + offset", ev)
 
 
-def _compare_bytes(inp: CheckInputs, root: int, va: int, size: int, ev: Dict[str, object]) -> List[str]:
+def _compare_bytes(inp: CheckInputs, root: int, va: int, size: int,
+                   ev: Dict[str, object]) -> List[str]:
+    """I6: the bytes at efi_multiboot2's translated address equal the ELF's."""
     want = inp.syms.read_linked(va, size)
     got = bytearray()
     cur = va
@@ -534,6 +548,8 @@ def _code_at(inp: CheckInputs, cr3_root: int, va: int, n: int) -> bytes:
 
 
 def check_identity_kept(inp: CheckInputs) -> CheckResult:
+    """I7: M maps the code at RIP, the stack, the MBI, the EFI tables and the GDT/IDT
+    as the firmware does."""
     root = inp.need_root()
     froot = inp.need_froot()
     items: List[Tuple[str, int, int, bool]] = []
@@ -599,6 +615,8 @@ def check_identity_kept(inp: CheckInputs) -> CheckResult:
 
 
 def check_image_mapped_rwx(inp: CheckInputs) -> CheckResult:
+    """I8: the lower half maps the loaded image identity, present, writable and
+    executable."""
     root = inp.root if inp.root is not None else inp.need_froot()
     lo, hi = inp.xen.image_pa_start, inp.xen.image_pa_end
     en = enumerate_ranges(inp.paging, inp.mem, root, lo=lo, hi=hi)
@@ -634,6 +652,8 @@ def check_image_mapped_rwx(inp: CheckInputs) -> CheckResult:
 
 
 def check_relocated_once(inp: CheckInputs) -> CheckResult:
+    """I9: from the trampoline's relocation loop to __start_xen's entry, every entry
+    of __page_tables holds its link value + B exactly once."""
     b = inp.state.load_base
     idle = inp.xen.pa(IDLE_L4)
     cr3 = inp.regs.get("cr3")
@@ -704,6 +724,7 @@ def check_relocated_once(inp: CheckInputs) -> CheckResult:
 
 
 def check_added_rwx(inp: CheckInputs) -> CheckResult:
+    """I10: the RWX leaves the merge adds (the 2 MiB fills, M's upper half): WARN."""
     root = inp.need_root()
     fills = []
     for name, (first, last, _pte) in fill_slots(inp.xen).items():
@@ -739,6 +760,7 @@ def check_added_rwx(inp: CheckInputs) -> CheckResult:
 
 
 def check_l2_xenmap_overreach(inp: CheckInputs) -> CheckResult:
+    """I11: how far l2_xenmap's last 2 MiB page maps past the image end: WARN."""
     first, last, _pte = fill_slots(inp.xen)[FILL_XENMAP]
     base = inp.xen.pa(FILL_XENMAP)
     ents = inp.table(base)
@@ -770,6 +792,7 @@ def check_l2_xenmap_overreach(inp: CheckInputs) -> CheckResult:
 
 
 def check_table_placement(inp: CheckInputs) -> CheckResult:
+    """I12: M is 4 KiB aligned, inside Xen's image, outside __page_tables."""
     root = inp.need_root()
     b = inp.state.load_base
     pt_lo = b + inp.syms.offset(PAGE_TABLES_START_SYMBOL)
@@ -794,6 +817,8 @@ def check_table_placement(inp: CheckInputs) -> CheckResult:
 
 
 def check_pointer_provenance(inp: CheckInputs) -> CheckResult:
+    """I13: register pointers into Xen at the load address and at the linked VA do
+    not live together (WARN when they do)."""
     regs = {r: inp.regs[r] for r in _GPRS if r in inp.regs}
     if not regs:
         raise _Skip("no general registers known")

@@ -172,15 +172,8 @@ class RegsCommand(XenCommand):
         regs = read_control_registers()
         regs["rip"] = t.read_register("rip")
         ctx = cpu_context(regs)
-        bits = {
-            "cr0": [("PE", x86.CR0_PE), ("WP", x86.CR0_WP), ("PG", x86.CR0_PG)],
-            "cr4": [("PSE", x86.CR4_PSE), ("PAE", x86.CR4_PAE), ("PGE", x86.CR4_PGE),
-                    ("LA57", x86.CR4_LA57), ("SMEP", x86.CR4_SMEP), ("SMAP", x86.CR4_SMAP),
-                    ("PKE", x86.CR4_PKE)],
-            "efer": [("SCE", x86.EFER_SCE), ("LME", x86.EFER_LME), ("LMA", x86.EFER_LMA),
-                     ("NXE", x86.EFER_NXE)],
-        }
-        decoded = {reg: [n for n, b in pairs if regs[reg] & b] for reg, pairs in bits.items()}
+        decoded = {reg: [n for b, n in pairs if regs[reg] & b]
+                   for reg, pairs in x86.CONTROL_REGISTER_FLAG_NAMES.items()}
         root = None if ctx.mode is paging.MODE_OFF else ctx.root_from_cr3(regs["cr3"])
         if args.json:
             gdb.write(render.to_json({
