@@ -84,7 +84,6 @@ SIZE_4K = 1 << 12
 SIZE_2M = 1 << 21
 SIZE_4M = 1 << 22
 SIZE_1G = 1 << 30
-SIZE_512G = 1 << 39
 
 # The architectural maximum physical-address width with 64-bit entries.
 MAXPHYADDR_ARCH = 52

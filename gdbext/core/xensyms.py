@@ -71,7 +71,6 @@ BOOT_TABLES: Tuple[BootTable, ...] = (
     BootTable("l1_fixmap", 1, 1, "in .bss"),
     BootTable("l1_fixmap_x", 1, 1, "in .bss"),
 )
-BOOT_TABLES_BY_NAME: Dict[str, BootTable] = {t.name: t for t in BOOT_TABLES}
 
 # Symbols whose value is XEN_VIRT_START, in order of preference.
 VIRT_START_SYMBOLS: Tuple[str, ...] = ("__XEN_VIRT_START", "__image_base__")
@@ -89,8 +88,6 @@ LOADED_END_SYMBOL = "__2M_rwdata_end"
 # XEN_IMG_OFFSET (asm/config.h): _start - __image_base__.  Used only for a .map
 # that lacks __image_base__ (xen.efi's map: the PE ImageBase is not a symbol).
 XEN_IMG_OFFSET = 0x200000
-
-PAGE_SIZE = 0x1000
 
 # ---------------------------------------------------------------------------
 # Errors

@@ -11,10 +11,11 @@ import re
 import xml.etree.ElementTree as ET
 
 from gdbext.core import x86
-from gdbext.core.qemu import parse_info_mem
 from gdbext.core.xenimage import RELOCATED, UNRELOCATED, LoadedXen, classify_pointer
 from gdbext.core.xensyms import load_xen_syms
 from gdbext.lab import XEN_LOAD_BASE_RE
+
+from ..oracles import parse_info_mem
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 MASK = x86.phys_addr_mask(x86.MAXPHYADDR_ARCH)
