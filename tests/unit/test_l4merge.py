@@ -21,7 +21,7 @@ from gdbext.core.errors import GdbextError
 from gdbext.core.memory import SyntheticMemory
 from gdbext.core.merge_catalog import (CALL_CHECKS, CHECK_IDS, CHECKS, CHECKS_AT_STOP, FAIL, PASS,
                                        SKIP, WARN)
-from gdbext.core.merge_checks import MergeState, run_checks
+from gdbext.core.merge_checks import CHECK_TABLE, MergeState, run_checks
 from gdbext.core.merge_predict import predict_merge
 from gdbext.core.merge_report import render_text, results_as_dict
 from gdbext.core.multiboot2 import parse_mbi
@@ -742,3 +742,12 @@ def test_json_contract_and_text(syms, plain):
     assert "faults:" in text and "reviewer: Frediano" in text and "\x1b[" not in text
     assert "FAILED" in text.splitlines()[-1]
     assert "\x1b[1;31mFAIL" in render_text(results, color=True)
+
+
+def test_every_catalogued_check_has_one_named_function():
+    assert tuple(CHECK_TABLE) == CHECK_IDS
+    functions = [fn for fn, _info in CHECK_TABLE.values()]
+    assert len(set(functions)) == len(functions)
+    for cid, (fn, info) in CHECK_TABLE.items():
+        assert info is CHECKS[cid] and fn.__name__.startswith("check_")
+        assert fn.__doc__.startswith(f"{cid}: "), fn.__name__
