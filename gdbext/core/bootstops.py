@@ -39,7 +39,6 @@ RFC's merge has no ``merge`` stop).
 from __future__ import annotations
 
 import bisect
-import struct
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -47,7 +46,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 from . import x86, x86decode
 from .errors import GdbextError
 from .x86decode import Instruction
-from .l4merge import CHECK_IDS, CHECKS_AT_STOP, FAIL, STATUSES
+from .merge_catalog import CHECK_IDS, CHECKS_AT_STOP, FAIL, STATUSES
 
 # -- stop names (the shared contract) ------------------------------------------
 
@@ -66,12 +65,11 @@ LINKED = "linked"  # the ELF's VA
 LOW = "low"        # trampoline_phys + (instruction - trampoline_start)
 
 
-# Which invariants each stop judges is l4merge's fact (CHECKS_AT_STOP), not
-# repeated here; stops it does not list ("tables relocated", "l2_xenmap
-# filled") report what changed and run no check.  With --predict, the entry
-# (and the call of a build without the merge, where CR3 is still the
-# firmware's) judges the predicted merge: every check.
-ALL_CHECKS: Tuple[str, ...] = CHECK_IDS
+# Which invariants each stop judges is merge_catalog's fact (CHECKS_AT_STOP),
+# not repeated here; a stop with none (trampoline_setup: paging off) reports what
+# changed and runs no check.  With --predict, the entry (and the call of a build
+# without the merge, where CR3 is still the firmware's) judges the predicted
+# merge: every check (CHECK_IDS).
 
 
 # -- instruction decoding (core/x86decode, over capstone) ---------------------------
@@ -79,6 +77,8 @@ ALL_CHECKS: Tuple[str, ...] = CHECK_IDS
 # The bytes of ``mov %eax,%cr3``: xen-mb2-break checks them just before the
 # trampoline's low-copy stop (the plan places that stop just after this load).
 MOV_RAX_CR3 = b"\x0f\x22\xd8"
+# The bytes of ``call *%rax``: the RFC's call at the linked VA, which I6 looks for at RIP.
+CALL_RAX = b"\xff\xd0"
 # How far after the idle_pg_table immediate the CR3 load may be (one add between).
 _CR3_LOAD_WINDOW = 16
 
@@ -228,7 +228,7 @@ class BootStop:
     kind: str                 # LOAD, LINKED or LOW
     linked_va: int            # the instruction in the ELF
     offset: int               # linked_va - XEN_VIRT_START (B + offset = load address)
-    checks: Tuple[str, ...]   # the checks that apply here (l4merge.CHECKS_AT_STOP)
+    checks: Tuple[str, ...]   # the checks that apply here (merge_catalog.CHECKS_AT_STOP)
     why: str                  # one line: what this stop is for
     low_offset: Optional[int] = None  # LOW: instruction - trampoline_start
 
@@ -286,7 +286,7 @@ class StopPlan:
         firmware's table, as at the entry: the entry's checks apply there, not
         those of a merged table that does not exist."""
         if predict and self.predicts_at(stop):
-            return ALL_CHECKS
+            return CHECK_IDS
         if stop.name == CALL and not self.patched:
             entry = self.get(ENTRY)
             firmware = entry.checks if entry is not None else ()
@@ -626,21 +626,6 @@ def diff_snapshots(old: Optional[TablesSnapshot], new: TablesSnapshot) -> Dict[s
     out["boot_changed"] = per
     out["boot_qwords_changed"] = sum(per.values())
     return out
-
-
-def qwords(raw: bytes) -> Tuple[int, ...]:
-    return struct.unpack(f"<{len(raw) // 8}Q", raw[:len(raw) // 8 * 8])
-
-
-def select_checks(applicable: Sequence[str], only: Optional[Iterable[str]] = None,
-                  skip: Optional[Iterable[str]] = None) -> List[str]:
-    """The ids to run at a stop: those that apply, narrowed by --only and --skip."""
-    want = {c.upper() for c in _norm_names(only)} if only else None
-    drop = {c.upper() for c in _norm_names(skip)} if skip else set()
-    bad = sorted(((want or set()) | drop) - set(ALL_CHECKS))
-    if bad:
-        raise GdbextError(f"unknown check {', '.join(bad)}; checks are I0..I13")
-    return [c for c in applicable if (want is None or c in want) and c not in drop]
 
 
 # -- text ------------------------------------------------------------------------------

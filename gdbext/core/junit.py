@@ -23,8 +23,7 @@ import json
 import xml.etree.ElementTree as ET
 from typing import Dict, Iterable, List, Optional, Sequence
 
-PASS, FAIL, WARN, SKIP = "PASS", "FAIL", "WARN", "SKIP"
-STATUSES = (PASS, FAIL, WARN, SKIP)
+from .merge_catalog import FAIL, SKIP, STATUSES, WARN
 
 # Exit statuses of scripts/xen-boot-check.
 EXIT_OK = 0         # every check passed (WARN and SKIP included)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, Mapping, Optional, Tuple
 
-from . import xenimage
+from . import multiboot2, xenimage
 from .errors import GdbextError
 from .memory import PhysMemory
 from .xensyms import XEN_PHYS_START_SYMBOL
@@ -69,7 +69,7 @@ def locate_cheap(syms, mem: PhysMemory, regs: Mapping[str, Optional[int]],
                 return b, f"{XEN_PHYS_START_SYMBOL} at its PA"
     eax, rbx = regs.get("rax"), regs.get("rbx")
     if eax is not None and rbx is not None and (
-            eax & 0xFFFFFFFF) == xenimage.MB2_BOOTLOADER_MAGIC:
+            eax & 0xFFFFFFFF) == multiboot2.MB2_BOOTLOADER_MAGIC:
         b = xenimage.base_from_mbi(mem, syms, rbx & 0xFFFFFFFF)
         if b is not None:
             return b, "multiboot2 MBI (%rbx) tag LOAD_BASE_ADDR"

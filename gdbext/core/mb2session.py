@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import bootstops, l4merge
+from . import bootstops, merge_catalog
 from .bootstops import ENTRY, LOW, STOP_ORDER, BootStop, where_in_boot
 
 # Registers every stop record carries.
@@ -59,7 +59,7 @@ class SessionBook:
         o = self.options
         self.selected = self.plan.select(list(o.stops) or None, list(o.skip_stops) or None)
         # Validate --only/--skip now: a typo is one error line before anything runs.
-        bootstops.select_checks(bootstops.ALL_CHECKS, list(o.only) or None,
+        merge_catalog.select_checks(merge_catalog.CHECK_IDS, list(o.only) or None,
                                 list(o.skip) or None)
         self.helpers = self._helpers()
 
@@ -116,7 +116,7 @@ class SessionBook:
     def check_ids(self, stop: BootStop) -> Tuple[List[str], bool]:
         """(the checks to run at this stop, whether they judge the predicted merge)."""
         predict = bool(self.options.predict) and self.plan.predicts_at(stop)
-        ids = bootstops.select_checks(self.plan.checks_for(stop, predict),
+        ids = merge_catalog.select_checks(self.plan.checks_for(stop, predict),
                                       list(self.options.only) or None,
                                       list(self.options.skip) or None)
         return ids, predict
@@ -179,18 +179,18 @@ class SessionBook:
         return {"load_base": self.load_base,
                 "complete": reached == [s.name for s in self.selected],
                 "reached": reached, "stops": self.records, "counts": tally,
-                "ok": tally[l4merge.FAIL] == 0 and error is None, "error": error,
+                "ok": tally[merge_catalog.FAIL] == 0 and error is None, "error": error,
                 "notes": notes}
 
 
 def counts(checks: Sequence[dict]) -> Dict[str, int]:
-    return l4merge.tally(c["status"] for c in checks)
+    return merge_catalog.tally(c["status"] for c in checks)
 
 
 def failed(record: dict) -> bool:
-    return any(c["status"] == l4merge.FAIL for c in record["checks"])
+    return any(c["status"] == merge_catalog.FAIL for c in record["checks"])
 
 
 def failed_checks(result: dict) -> List[str]:
     return [f"{c['id']} at {r['stop']}" for r in result["stops"] for c in r["checks"]
-            if c["status"] == l4merge.FAIL]
+            if c["status"] == merge_catalog.FAIL]

@@ -7,7 +7,8 @@ them so that one walk (or one stop of the guest) reads each 4 KiB page once.
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Protocol
+import struct
+from typing import Dict, Mapping, Optional, Protocol, Tuple
 
 from .errors import MemoryReadError
 from .x86 import PAGE_SIZE, align_down
@@ -24,6 +25,11 @@ class Registers(Protocol):
 
 
 ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+def qwords(raw: bytes) -> Tuple[int, ...]:
+    """The little-endian u64s of ``raw`` (a trailing partial qword is dropped)."""
+    return struct.unpack(f"<{len(raw) // 8}Q", raw[:len(raw) // 8 * 8])
 
 
 class PageCache:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from . import bootstops, l4merge, x86
+from . import bootstops, merge_catalog, merge_checks, merge_predict, merge_report, multiboot2, x86
 from .errors import GdbextError
 from .memory import PhysMemory, SyntheticMemory
 from .paging import PagingContext
@@ -23,7 +23,7 @@ from .xenimage import LoadedXen
 
 ENTRY = bootstops.ENTRY                 # "__efi64_mb2_start"
 CALL = bootstops.CALL                   # "call efi_multiboot2"
-MERGE_TABLE_SYMBOL = l4merge.PATCH_TABLE  # the RFC's merged table (patched builds only)
+MERGE_TABLE_SYMBOL = merge_predict.PATCH_TABLE  # the RFC's merged table (patched builds only)
 
 # The check modes, and what each judges.
 PREDICT = "predict"                     # the table the patch would build, nothing written
@@ -154,19 +154,19 @@ def take_snapshot(lx: LoadedXen, mem: PhysMemory, regs: Mapping[str, int],
 
 
 def predict_from(lx: LoadedXen, mem: PhysMemory, fw_root: int, fw_l4: Optional[bytes],
-                 relocate: bool, table: Optional[int] = None) -> l4merge.Prediction:
+                 relocate: bool, table: Optional[int] = None) -> merge_predict.Prediction:
     """The RFC's merge predicted from F as captured (``fw_l4``), even if the firmware
     changed its L4 since; nothing is written to the guest."""
     fw_mem = SyntheticMemory(ram_size=1 << x86.MAXPHYADDR_ARCH, base=mem)
     if fw_l4 is not None:
         fw_mem.write(fw_root, fw_l4)
-    return l4merge.predict_merge(lx.syms, fw_mem, lx.load_base, fw_root, relocate=relocate,
+    return merge_predict.predict_merge(lx.syms, fw_mem, lx.load_base, fw_root, relocate=relocate,
                                  table_pa=table)
 
 
 def predicted_merge(lx: LoadedXen, mem: PhysMemory, regs: Mapping[str, int],
                     ctx: PagingContext, snapshot: Optional[FirmwareSnapshot],
-                    relocate: bool = False) -> l4merge.Prediction:
+                    relocate: bool = False) -> merge_predict.Prediction:
     """The RFC's merged L4 as it would be built from the firmware's L4: the one captured
     at __efi64_mb2_start, or CR3 itself while it is still the firmware's."""
     if snapshot is not None:
@@ -241,11 +241,11 @@ def choose_mode(req: CheckRequest, merged: Optional[int], before_merge: bool) ->
 def applicable_checks(mode: str, merged: Optional[int], here: str) -> Sequence[str]:
     """The checks that can be judged in this mode at this stop."""
     if mode != LIVE:
-        return l4merge.CHECK_IDS
+        return merge_catalog.CHECK_IDS
     if merged is not None:
-        return (l4merge.CHECK_IDS if here == ENTRY
-                else l4merge.CHECKS_AT_STOP.get(here, l4merge.CHECK_IDS))
-    return l4merge.CHECKS_AT_STOP.get(
+        return (merge_catalog.CHECK_IDS if here == ENTRY
+                else merge_catalog.CHECKS_AT_STOP.get(here, merge_catalog.CHECK_IDS))
+    return merge_catalog.CHECKS_AT_STOP.get(
         here, ("I9",) if here == bootstops.AFTER_START_XEN else ())
 
 
@@ -259,13 +259,13 @@ def wants_snapshot(here: str, record: MergeRecord, firmware_in_cr3: bool,
 @dataclass
 class Evaluation:
     result: dict                          # the --json contract
-    results: List[l4merge.CheckResult]    # in the order asked for
+    results: List[merge_catalog.CheckResult]    # in the order asked for
     header: Dict[str, object]             # mode, stop, F and M with their sources
 
 
-def _skip_result(check_id: str, why: str) -> l4merge.CheckResult:
-    info = l4merge.CHECKS[check_id]
-    return l4merge.CheckResult(check_id, info.title, l4merge.SKIP, why, {}, info.reviewer)
+def _skip_result(check_id: str, why: str) -> merge_catalog.CheckResult:
+    info = merge_catalog.CHECKS[check_id]
+    return merge_catalog.CheckResult(check_id, info.title, merge_catalog.SKIP, why, {}, info.reviewer)
 
 
 def evaluate(lx: LoadedXen, mem: PhysMemory, regs: Mapping[str, int], ctx: PagingContext,
@@ -275,7 +275,7 @@ def evaluate(lx: LoadedXen, mem: PhysMemory, regs: Mapping[str, int], ctx: Pagin
     May capture F into ``record`` (at the entry, before any merge).  Never raises
     because a check FAILs; raises GdbextError for what the user must fix."""
     syms, base = lx.syms, lx.load_base
-    wanted = l4merge.select(req.only, req.skip)
+    wanted = merge_catalog.select(req.only, req.skip)
     plan = bootstops.plan_for(syms)
     journal = record.journal
     cur_root = ctx.root_from_cr3(regs["cr3"]) if ctx.mode.long_mode else None
@@ -311,20 +311,20 @@ def evaluate(lx: LoadedXen, mem: PhysMemory, regs: Mapping[str, int], ctx: Pagin
     mbi = None
     if snap is not None:
         try:
-            mbi = l4merge.parse_mbi(check_mem, snap.rbx & 0xFFFF_FFFF)
+            mbi = multiboot2.parse_mbi(check_mem, snap.rbx & 0xFFFF_FFFF)
         except GdbextError:
             mbi = None
-    state = l4merge.MergeState(syms=syms, load_base=base, mem=check_mem, regs=state_regs,
+    state = merge_checks.MergeState(syms=syms, load_base=base, mem=check_mem, regs=state_regs,
                                firmware_root=fw.root, firmware_cr3=fw.cr3,
                                firmware_l4=fw.l4, merged_root=merged, stop=here,
                                maxphyaddr=ctx.maxphyaddr, mbi=mbi)
     run_ids = [c for c in wanted if c in applicable]
-    results = list(l4merge.run_checks(state, only=run_ids)) if run_ids else []
+    results = list(merge_checks.run_checks(state, only=run_ids)) if run_ids else []
     by_id = {r.id: r for r in results}
     why_not = (f"does not apply at {here} (here: {', '.join(applicable)})" if applicable
                else f"does not apply at {here}: no check does")
     ordered = [by_id.get(c) or _skip_result(c, why_not) for c in wanted]
-    result = l4merge.results_as_dict(mode, here, state, ordered)
+    result = merge_report.results_as_dict(mode, here, state, ordered)
     header = {"mode": mode, "stop": here, "load_base": base, "firmware_root": fw.root,
               "firmware_source": fw.source, "table": merged, "table_source": merged_source}
     return Evaluation(result, ordered, header)
@@ -332,7 +332,7 @@ def evaluate(lx: LoadedXen, mem: PhysMemory, regs: Mapping[str, int], ctx: Pagin
 
 def failed_line(result: Mapping[str, object]) -> Optional[str]:
     """The one-line error for a result with FAILs (CI's exit status), else None."""
-    failed = [c["id"] for c in result["checks"] if c["status"] == l4merge.FAIL]
+    failed = [c["id"] for c in result["checks"] if c["status"] == merge_catalog.FAIL]
     if not failed:
         return None
     noun = "check" if len(failed) == 1 else "checks"

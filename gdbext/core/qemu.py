@@ -2,8 +2,10 @@
 
 ``info mtree -f`` tells which physical addresses are RAM or ROM: QEMU 7.2's
 physical-mode gdbstub reads unbacked addresses as zeros without an error, so
-the backend checks table addresses against this map. ``info mem`` and
-``gva2gpa`` are what tests compare our walks against.
+the backend checks table addresses against this map; ``xp`` is its fallback
+physical reader; ``info registers`` gives the registers by name.  (``info mem``
+and ``gva2gpa``, which only the tests compare walks against, are parsed in
+``tests/oracles.py``.)
 """
 
 from __future__ import annotations
@@ -11,13 +13,11 @@ from __future__ import annotations
 import bisect
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 _MTREE_LINE = re.compile(
     r"^\s*([0-9a-fA-F]+)-([0-9a-fA-F]+) \(prio -?\d+, ([a-z/-]+)\): (\S+)")
 _AS_LINE = re.compile(r'^\s*AS "([^"]+)"')
-_INFO_MEM_LINE = re.compile(r"^([0-9a-fA-F]+)-([0-9a-fA-F]+) ([0-9a-fA-F]+) ([-u])([-r])([-w])$")
-_GVA2GPA = re.compile(r"^gpa:\s*(?:0x)?([0-9a-fA-F]+)\s*$")
 
 READABLE_KINDS = ("ram", "rom", "romd")
 
@@ -85,34 +85,6 @@ def main_ram(regions: Sequence[MemRegion]) -> List[Tuple[int, int]]:
     ram = [r for r in regions if r.kind == "ram"]
     main = [r for r in ram if r.name == "pc.ram"] or ram
     return sorted((r.start, r.end) for r in main)
-
-
-@dataclass(frozen=True)
-class InfoMemRange:
-    va: int
-    end: int
-    user: bool
-    writable: bool
-
-
-def parse_info_mem(text: str) -> List[InfoMemRange]:
-    """``info mem``: coalesced ranges with user/write ANDed across levels, no NX."""
-    out = []
-    for line in text.splitlines():
-        m = _INFO_MEM_LINE.match(line.strip())
-        if m:
-            out.append(InfoMemRange(int(m.group(1), 16), int(m.group(2), 16),
-                                    m.group(4) == "u", m.group(6) == "w"))
-    return out
-
-
-def parse_gva2gpa(text: str) -> Optional[int]:
-    """``gva2gpa VA``: the PA, or None for 'Unmapped'."""
-    for line in text.splitlines():
-        m = _GVA2GPA.match(line.strip())
-        if m:
-            return int(m.group(1), 16)
-    return None
 
 
 # ``xp /Ngx PA``: "000000003f801000: 0x000000003f802023 0x..." (two qwords a line).

@@ -1,4 +1,7 @@
-"""Text and JSON renderers for walks, range lists and register reports.
+"""Text and JSON renderers for page walks, entries, range lists and the
+enumerator's notes, and the one-line JSON encoder and terminal colouring every
+command shares.  (The merge checks' reports are in ``merge_report``; the names of
+the CR0/CR4/EFER bits that ``xen-regs`` shows are in ``x86``.)
 
 Renderers return strings; the GDB layer prints them. Colour (``highlight``) and
 wrapping to GDB's width (``fit_width``) are only applied when the GDB layer says the

@@ -1,8 +1,9 @@
 """The names of the boot stops around ``__efi64_mb2_start``, in boot order.
 
-One home for the names that the stop plan (bootstops), the checks (l4merge, which
-says which invariants apply at each stop), the commands and the reports share.
-Kept apart because bootstops imports l4merge's table of checks per stop.
+One home for the names that the stop plan (bootstops), the check catalog
+(merge_catalog, which says which invariants apply at each stop), the checks, the
+commands and the reports share.  Kept apart because bootstops imports
+merge_catalog's table of checks per stop.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
-from . import l4merge, x86, xenimage
+from . import merge_predict, x86, xenimage
 from .memory import PhysMemory
 from .paging import PagingContext
 
@@ -40,7 +40,7 @@ def judge_raw(loaded, entry_pa: int, raw: int, sit: Optional[Situation] = None
     if sit is not None and sit.judge_root_as and \
             sit.root <= entry_pa < sit.root + x86.PAGE_SIZE:
         index = (entry_pa - sit.root) // 8
-        if index < l4merge.L4_HALF:
+        if index < merge_predict.L4_HALF:
             return None  # the firmware's half of a merged L4
         return loaded.judge_entry(sit.judge_root_as, index, raw)
     hit = loaded.table_at(entry_pa)

@@ -18,11 +18,10 @@ from typing import Dict, Optional
 from tabulate import tabulate
 
 from . import bootstops as bs
-from . import paging, render, x86
-from . import l4merge
+from . import merge_predict, paging, render, x86
 from .xenimage import LoadedXen
 
-CALL_TARGET = l4merge.CALL_TARGET  # the walk that matters at the entry
+CALL_TARGET = merge_predict.CALL_TARGET  # the walk that matters at the entry
 # Between stops at a terminal (Enter goes on).
 PROMPT = "-- Enter: next stop; q: end the walkthrough here -- "
 WRAP = 88  # lesson paragraphs are wrapped to this width

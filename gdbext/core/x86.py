@@ -26,6 +26,14 @@ EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
 EFER_NXE = 1 << 11
 
+# The flag names reports decode each register into, lowest bit first.
+CR0_FLAG_NAMES = ((CR0_PE, "PE"), (CR0_WP, "WP"), (CR0_PG, "PG"))
+CR4_FLAG_NAMES = ((CR4_PSE, "PSE"), (CR4_PAE, "PAE"), (CR4_PGE, "PGE"), (CR4_LA57, "LA57"),
+                  (CR4_SMEP, "SMEP"), (CR4_SMAP, "SMAP"), (CR4_PKE, "PKE"))
+EFER_FLAG_NAMES = ((EFER_SCE, "SCE"), (EFER_LME, "LME"), (EFER_LMA, "LMA"), (EFER_NXE, "NXE"))
+CONTROL_REGISTER_FLAG_NAMES = {"cr0": CR0_FLAG_NAMES, "cr4": CR4_FLAG_NAMES,
+                               "efer": EFER_FLAG_NAMES}
+
 # CR3 in long mode and 32-bit mode: bits 3 (PWT) and 4 (PCD) are cache
 # controls for the root; bits 0-2 and 5-11 are ignored (or PCID with
 # CR4.PCIDE). The root table is at CR3 & ~0xfff.
@@ -76,12 +84,9 @@ SIZE_4K = 1 << 12
 SIZE_2M = 1 << 21
 SIZE_4M = 1 << 22
 SIZE_1G = 1 << 30
-SIZE_512G = 1 << 39
 
 # The architectural maximum physical-address width with 64-bit entries.
 MAXPHYADDR_ARCH = 52
-# QEMU's TCG CPUs report 40 physical-address bits unless told otherwise.
-MAXPHYADDR_QEMU_TCG = 40
 
 
 def mask(bits: int) -> int:
@@ -108,10 +113,6 @@ def is_canonical(va: int, va_bits: int) -> bool:
 
 def align_down(value: int, alignment: int) -> int:
     return value & ~(alignment - 1)
-
-
-def is_aligned(value: int, alignment: int) -> bool:
-    return value & (alignment - 1) == 0
 
 
 def size_name(size: int) -> str:

@@ -29,7 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import x86
 from .errors import GdbextError, MemoryReadError
-from .xensyms import MB2_HEADER_MAGIC, XEN_PHYS_START_SYMBOL
+from .multiboot2 import MB2_HEADER_MAGIC, MBI_TAG_LOAD_BASE_ADDR, is_header, mbi_tags
+from .xensyms import XEN_PHYS_START_SYMBOL
 
 RELOCATED = "relocated"
 UNRELOCATED = "unrelocated"
@@ -182,12 +183,6 @@ BUILD_ID_SECTION = ".note.gnu.build-id"
 NT_GNU_BUILD_ID = 3
 GNU_NOTE_NAME = b"GNU\0"
 
-# Multiboot2 boot information (spec): %eax holds this magic on entry, %rbx the MBI.
-MB2_BOOTLOADER_MAGIC = 0x36D76289
-MBI_TAG_END = 0
-MBI_TAG_LOAD_BASE_ADDR = 21   # u32 load_base_addr: where the image starts (PA(_start))
-MBI_MAX_SIZE = 1 << 20        # sanity bound on total_size before reading the whole MBI
-
 # Bytes of the image compared with the ELF before a candidate B is believed:
 # at RIP (code that has not run yet is byte-identical), and from PA(_start)
 # (the image's head: its jump, the multiboot headers, the first functions).
@@ -316,10 +311,7 @@ def header_at(mem, syms, load_base: int) -> bool:
     if hdr is None:
         return False
     raw = _read(mem, header_pa(syms, load_base), 16)
-    if raw is None:
-        return False
-    magic, arch, hlen, csum = (_u32(raw, i) for i in (0, 4, 8, 12))
-    return magic == MB2_HEADER_MAGIC and not (magic + arch + hlen + csum) & 0xFFFFFFFF
+    return raw is not None and is_header(raw)
 
 
 def same_bytes(mem, syms, load_base: int, va: int, size: int) -> bool:
@@ -417,28 +409,6 @@ def plausible_base(syms, value: int) -> bool:
     """A physical address aligned as the RELOCATABLE tag demands, and not 0 (what
     xen_phys_start holds before trampoline_setup sets it)."""
     return 0 < value < 1 << x86.MAXPHYADDR_ARCH and value % base_align(syms) == 0
-
-
-def mbi_tags(mem, mbi_pa: int) -> List[Tuple[int, bytes]]:
-    """(type, payload) of every tag of the multiboot2 boot information at ``mbi_pa``."""
-    head = _read(mem, mbi_pa, 8)
-    if head is None:
-        return []
-    total = _u32(head, 0)
-    if not 16 <= total <= MBI_MAX_SIZE:
-        return []
-    raw = _read(mem, mbi_pa, total)
-    if raw is None:
-        return []
-    tags = []
-    off = 8
-    while off + 8 <= total:
-        ttype, tsize = _u32(raw, off), _u32(raw, off + 4)
-        if ttype == MBI_TAG_END or tsize < 8 or off + tsize > total:
-            break
-        tags.append((ttype, bytes(raw[off + 8:off + tsize])))
-        off += (tsize + 7) & ~7
-    return tags
 
 
 def base_from_mbi(mem, syms, mbi_pa: int) -> Optional[int]:

@@ -37,6 +37,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from gdbext import paths
 from gdbext.core.errors import GdbextError
+from gdbext.core.multiboot2 import (MB2_LOAD_PREFERENCE_LOW, MB2_SEARCH_BYTES, Multiboot2Header,
+                                     header_in_image)
 
 # ---------------------------------------------------------------------------
 # Xen facts that are not in the file (the single home for them)
@@ -69,7 +71,6 @@ BOOT_TABLES: Tuple[BootTable, ...] = (
     BootTable("l1_fixmap", 1, 1, "in .bss"),
     BootTable("l1_fixmap_x", 1, 1, "in .bss"),
 )
-BOOT_TABLES_BY_NAME: Dict[str, BootTable] = {t.name: t for t in BOOT_TABLES}
 
 # Symbols whose value is XEN_VIRT_START, in order of preference.
 VIRT_START_SYMBOLS: Tuple[str, ...] = ("__XEN_VIRT_START", "__image_base__")
@@ -87,48 +88,6 @@ LOADED_END_SYMBOL = "__2M_rwdata_end"
 # XEN_IMG_OFFSET (asm/config.h): _start - __image_base__.  Used only for a .map
 # that lacks __image_base__ (xen.efi's map: the PE ImageBase is not a symbol).
 XEN_IMG_OFFSET = 0x200000
-
-PAGE_SIZE = 0x1000
-
-# ---------------------------------------------------------------------------
-# Multiboot2 (spec constants)
-# ---------------------------------------------------------------------------
-
-MB2_HEADER_MAGIC = 0xE85250D6
-MB2_SEARCH = 32768  # the header lies in the first 32 KiB of the image
-MB2_ALIGN = 8
-
-MB2_TAG_END = 0
-MB2_TAG_INFORMATION_REQUEST = 1
-MB2_TAG_ADDRESS = 2
-MB2_TAG_ENTRY_ADDRESS = 3
-MB2_TAG_CONSOLE_FLAGS = 4
-MB2_TAG_FRAMEBUFFER = 5
-MB2_TAG_MODULE_ALIGN = 6
-MB2_TAG_EFI_BS = 7
-MB2_TAG_ENTRY_ADDRESS_EFI32 = 8
-MB2_TAG_ENTRY_ADDRESS_EFI64 = 9
-MB2_TAG_RELOCATABLE = 10
-MB2_TAG_OPTIONAL = 1  # flags bit 0
-
-MB2_TAG_NAMES = {
-    0: "end",
-    1: "information_request",
-    2: "address",
-    3: "entry_address",
-    4: "console_flags",
-    5: "framebuffer",
-    6: "module_align",
-    7: "efi_bs",
-    8: "entry_address_efi32",
-    9: "entry_address_efi64",
-    10: "relocatable",
-}
-
-MB2_LOAD_PREFERENCE_NONE = 0
-MB2_LOAD_PREFERENCE_LOW = 1
-MB2_LOAD_PREFERENCE_HIGH = 2
-_PREFERENCE_NAMES = {0: "none", 1: "low", 2: "high"}
 
 # ---------------------------------------------------------------------------
 # Errors
@@ -204,75 +163,6 @@ class Section:
     offset: int
     type: str  # SHT_PROGBITS, SHT_NOBITS, ...
     flags: int
-
-
-@dataclass(frozen=True)
-class Mb2Tag:
-    type: int
-    flags: int
-    size: int
-    offset: int  # from the header start
-    data: bytes  # payload after the 8-byte tag header
-
-    @property
-    def optional(self) -> bool:
-        return bool(self.flags & MB2_TAG_OPTIONAL)
-
-    @property
-    def type_name(self) -> str:
-        return MB2_TAG_NAMES.get(self.type, f"tag{self.type}")
-
-    def u32(self, index: int) -> int:
-        return struct.unpack_from("<I", self.data, 4 * index)[0]
-
-
-@dataclass(frozen=True)
-class Mb2Relocatable:
-    """The RELOCATABLE tag.  min/max/align apply to the *image start* PA(_start)."""
-
-    min_addr: int
-    max_addr: int
-    align: int
-    preference: int
-    optional: bool = True
-
-    @property
-    def preference_name(self) -> str:
-        return _PREFERENCE_NAMES.get(self.preference, str(self.preference))
-
-
-@dataclass(frozen=True)
-class Mb2Address:
-    header_addr: int
-    load_addr: int
-    load_end_addr: int
-    bss_end_addr: int
-
-
-@dataclass(frozen=True)
-class Multiboot2Header:
-    """The multiboot2 header found in the image (linked addresses)."""
-
-    va: int  # linked VA of the header
-    offset_from_start: int  # header VA - _start (0x18 in 4.17)
-    architecture: int
-    header_length: int
-    checksum: int
-    tags: Tuple[Mb2Tag, ...]
-    relocatable: Optional[Mb2Relocatable] = None
-    address: Optional[Mb2Address] = None
-    entry_addr: Optional[int] = None  # tag 3 (i386 entry), link-time PA
-    efi32_entry: Optional[int] = None  # tag 8, link-time PA
-    efi64_entry: Optional[int] = None  # tag 9 (EFI amd64), link-time PA
-    info_requests: Tuple[int, ...] = ()
-    module_align: bool = False
-    efi_bs: bool = False
-
-    def tag(self, type_: int) -> Optional[Mb2Tag]:
-        for t in self.tags:
-            if t.type == type_:
-                return t
-        return None
 
 
 SymbolOrVA = Union[str, int]
@@ -720,6 +610,8 @@ class XenSymbols(_SymbolTable):
         return None
 
     def section_for(self, va: int) -> Optional[Section]:
+        """The allocated ELF section holding ``va`` (the crash report and the
+        position-independence check name unnamed data by it)."""
         for sec in self.sections:
             if sec.flags & SHF_ALLOC and sec.addr <= va < sec.addr + sec.size:
                 return sec
@@ -739,28 +631,14 @@ class XenSymbols(_SymbolTable):
     def multiboot2(self) -> Optional[Multiboot2Header]:
         """The multiboot2 header (None if the image has none)."""
         if not self._mb2_done:
-            self._mb2 = self._find_mb2()
+            # Spec: 8-byte aligned, wholly inside the first 32 KiB of the OS image.
+            # GRUB searches the file it loads (xen.gz's ELF); here the image is the
+            # loaded image, i.e. the bytes from _start.
+            window = min(MB2_SEARCH_BYTES, self.image_end - self.image_start)
+            self._mb2 = header_in_image(self.read_linked(self.image_start, window),
+                                        self.image_start)
             self._mb2_done = True
         return self._mb2
-
-    def _find_mb2(self) -> Optional[Multiboot2Header]:
-        # Spec: 8-byte aligned, wholly inside the first 32 KiB of the OS image.
-        # GRUB searches the file it loads (xen.gz's ELF); here the image is the
-        # loaded image, i.e. the bytes from _start.
-        window = min(MB2_SEARCH, self.image_end - self.image_start)
-        buf = self.read_linked(self.image_start, window)
-        for off in range(0, window - 16 + 1, MB2_ALIGN):
-            magic, arch, hlen, csum = struct.unpack_from("<IIII", buf, off)
-            if magic != MB2_HEADER_MAGIC:
-                continue
-            if (magic + arch + hlen + csum) & 0xFFFFFFFF:
-                continue
-            if hlen < 16 + 8 or off + hlen > window:
-                continue
-            hdr = _parse_mb2(buf[off:off + hlen], self.image_start + off, off, arch, hlen, csum)
-            if hdr is not None:
-                return hdr
-        return None
 
     def load_size(self) -> int:
         """Bytes a multiboot2 loader allocates for the image, from PA(_start).
@@ -903,46 +781,6 @@ def _build_id_from_notes(notes) -> Optional[bytes]:
             desc = note["n_desc"]
             return bytes.fromhex(desc) if isinstance(desc, str) else bytes(desc)
     return None
-
-
-def _parse_mb2(
-    raw: bytes, va: int, off: int, arch: int, hlen: int, csum: int
-) -> Optional[Multiboot2Header]:
-    tags = []
-    kw: dict = {}
-    p = 16
-    end_seen = False
-    while p + 8 <= hlen:
-        ttype, tflags, tsize = struct.unpack_from("<HHI", raw, p)
-        if tsize < 8 or p + tsize > hlen:
-            return None
-        tag = Mb2Tag(ttype, tflags, tsize, p, bytes(raw[p + 8:p + tsize]))
-        tags.append(tag)
-        if ttype == MB2_TAG_END:
-            end_seen = True
-            break
-        if ttype == MB2_TAG_RELOCATABLE and tsize >= 24:
-            kw["relocatable"] = Mb2Relocatable(
-                tag.u32(0), tag.u32(1), tag.u32(2), tag.u32(3), tag.optional
-            )
-        elif ttype == MB2_TAG_ADDRESS and tsize >= 24:
-            kw["address"] = Mb2Address(tag.u32(0), tag.u32(1), tag.u32(2), tag.u32(3))
-        elif ttype == MB2_TAG_ENTRY_ADDRESS and tsize >= 12:
-            kw["entry_addr"] = tag.u32(0)
-        elif ttype == MB2_TAG_ENTRY_ADDRESS_EFI32 and tsize >= 12:
-            kw["efi32_entry"] = tag.u32(0)
-        elif ttype == MB2_TAG_ENTRY_ADDRESS_EFI64 and tsize >= 12:
-            kw["efi64_entry"] = tag.u32(0)
-        elif ttype == MB2_TAG_INFORMATION_REQUEST:
-            kw["info_requests"] = tuple(tag.u32(i) for i in range((tsize - 8) // 4))
-        elif ttype == MB2_TAG_MODULE_ALIGN:
-            kw["module_align"] = True
-        elif ttype == MB2_TAG_EFI_BS:
-            kw["efi_bs"] = True
-        p += (tsize + 7) & ~7
-    if not end_seen:
-        return None
-    return Multiboot2Header(va, off, arch, hlen, csum, tuple(tags), **kw)
 
 
 # ---------------------------------------------------------------------------

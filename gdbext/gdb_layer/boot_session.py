@@ -23,7 +23,8 @@ from typing import Dict, List, Optional
 import gdb
 
 from ..core import bootstops, render, x86
-from ..core.bootstops import ENTRY, LOW, BootStop, TablesSnapshot, diff_snapshots, qwords
+from ..core.bootstops import ENTRY, LOW, BootStop, TablesSnapshot, diff_snapshots
+from ..core.memory import qwords
 from ..core.errors import GdbextError, MemoryReadError
 from ..core.mb2session import VERIFY_BYTES, SessionBook, SessionOptions, failed
 from ..core.merge_here import CheckRequest

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Tuple
 
 import gdb
 
-from ..core import bootstops, l4merge, locate, merge_here, paging, suggest, x86, xenimage
+from ..core import bootstops, locate, merge_catalog, merge_here, paging, suggest, x86, xenimage
 from ..core.errors import GdbextError
 from ..core.paging import MODES, PagingContext
 from ..core.walknames import Situation
@@ -357,7 +357,7 @@ class Context:
             return suggest.completions(map(bootstops.typed_stop_name, bootstops.STOP_ORDER),
                                        prefix)
         if kind == "check":
-            return suggest.completions(l4merge.CHECK_IDS, prefix.upper())
+            return suggest.completions(merge_catalog.CHECK_IDS, prefix.upper())
         syms = self.xen.syms
         fixed = list(MERGE_ROOTS) + ["cr3"] if kind == "root" else []
         if syms is None:

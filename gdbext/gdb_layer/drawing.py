@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-from ..core import bootstops, diagram, l4merge
+from ..core import bootstops, diagram, merge_predict
 from ..core.xenimage import LoadedXen
 from .context import RootChoice
 
@@ -50,7 +50,7 @@ def _where(ctx, xen: Optional[LoadedXen]) -> Tuple[Optional[str], str]:
 
 
 def _predicted(sit, cache, xen: LoadedXen, relocate: bool) -> diagram.TreeModel:
-    pred = l4merge.predict_merge(xen.syms, cache, xen.load_base, sit.root, relocate=relocate)
+    pred = merge_predict.predict_merge(xen.syms, cache, xen.load_base, sit.root, relocate=relocate)
     title = ("predicted merge, pointers relocated (+B)" if relocate
              else "predicted merge (the RFC as posted)") + f", M in {pred.table_source}"
     return diagram.build_model(sit.ctx, pred.mem, pred.root, xen, title,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import paths
 from ..core.errors import GdbextError
-from ..core.l4merge import CALL_TARGET  # the function the RFC calls at its linked VA
+from ..core.merge_predict import CALL_TARGET  # the function the RFC calls at its linked VA
 from ..core.stopnames import ENTRY
 from ..core.xensyms import load_xen_syms
 from .gdbdriver import GDBINIT, GdbSession, gdb_binary

@@ -55,6 +55,7 @@ from typing import List, Optional, Sequence, Set, Union
 
 from .. import paths
 from ..core.errors import GdbextError
+from ..core.multiboot2 import MB2_SEARCH_BYTES, find_header
 
 # --------------------------------------------------------------------------- facts
 
@@ -124,10 +125,7 @@ PORT_PICK_ATTEMPTS = 3  # a picked free port can be taken before QEMU binds it
 LOG_TAIL_LINES = 6
 LOG_TAIL_CHARS = 600
 
-# Multiboot2 (what GRUB needs to find in the image) and Xen's placement.
-MB2_HEADER_MAGIC = 0xE85250D6
-MB2_HEADER_ALIGN = 8
-MB2_SEARCH_BYTES = 32768  # the header must lie in the first 32 KiB
+# Xen's placement, and how its images are told apart (multiboot2: core/multiboot2.py).
 # The bootable x86-64 `xen` is an ELF32 wrapper made by mkelf32; xen-syms is ELF64.
 ELF_MAGIC = b"\x7fELF"
 ELF_CLASS64 = b"\x02"
@@ -361,16 +359,6 @@ def pick_free_port(host: str = LOOPBACK) -> int:
         return s.getsockname()[1]
 
 
-def find_multiboot2_header(data: bytes) -> Optional[int]:
-    """Offset of a valid multiboot2 header in the first 32 KiB of ``data``, or None."""
-    limit = min(len(data), MB2_SEARCH_BYTES) - 16
-    for off in range(0, limit + 1, MB2_HEADER_ALIGN):
-        magic, arch, length, checksum = struct.unpack_from("<IIII", data, off)
-        if magic == MB2_HEADER_MAGIC and (magic + arch + length + checksum) & 0xFFFFFFFF == 0:
-            return off
-    return None
-
-
 def _image_head(path: Path) -> bytes:
     """The first 32 KiB of an image, decompressed when it is gzip."""
     with open(path, "rb") as f:
@@ -407,7 +395,7 @@ def validate_config(config: LabConfig) -> None:
         raise LabError(
             f"Xen image {image} is a 64-bit ELF (xen-syms?): boot xen.gz or the 32-bit xen ELF"
         )
-    if find_multiboot2_header(head) is None:
+    if find_header(head) is None:
         raise LabError(
             f"Xen image {image} has no multiboot2 header in its first 32 KiB: "
             "boot xen.gz or the xen ELF (not xen.efi or xen-syms)"

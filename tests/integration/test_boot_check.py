@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from gdbext import paths
-from gdbext.core import bootstops, l4merge
+from gdbext.core import bootstops, merge_catalog
 from gdbext.core.xensyms import load_xen_syms
 from gdbext.host.lab import Lab, LabConfig
 
@@ -135,17 +135,17 @@ def test_junit_parses_and_lists_every_check(plain_prediction):
 
 def test_relocated_prediction_passes_the_call_checks(tmp_path, syms):
     """The checks that concern the call, through the whole session."""
-    only = ",".join(l4merge.CALL_CHECKS)
+    only = ",".join(merge_catalog.CALL_CHECKS)
     proc, report, root = boot_check(tmp_path, "--predict", "--assume-relocated", "--only", only)
     assert proc.returncode == 0, proc.stderr
     result = report["result"]
     assert result["reached"] == bootstops.build_plan(syms).names()
     entry = result["stops"][0]
     statuses = {c["id"]: c["status"] for c in entry["checks"]}
-    assert set(statuses) == set(l4merge.CALL_CHECKS)
+    assert set(statuses) == set(merge_catalog.CALL_CHECKS)
     assert statuses["I6"] == "PASS" and statuses["I3"] == "PASS" and statuses["I4"] == "PASS"
     ran = {c["id"] for s in result["stops"] for c in s["checks"]}
-    assert ran <= set(l4merge.CALL_CHECKS)
+    assert ran <= set(merge_catalog.CALL_CHECKS)
     assert all(c["status"] != "FAIL" for s in result["stops"] for c in s["checks"])
     assert root.get("failures") == "0" and root.get("errors") == "0"
     assert proc.stdout.strip().splitlines()[-1].startswith("xen-boot-check: ok:")

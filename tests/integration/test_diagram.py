@@ -11,7 +11,7 @@ import re
 import xml.etree.ElementTree as ET
 
 from gdbext.core import x86
-from gdbext.core.qemu import parse_info_mem
+from ..oracles import parse_info_mem
 from gdbext.core.xenimage import RELOCATED, UNRELOCATED, LoadedXen
 from gdbext.core.xensyms import load_xen_syms
 from gdbext.host.lab import XEN_LOAD_BASE_RE

@@ -14,10 +14,10 @@ import struct
 
 import pytest
 
-from gdbext.core.l4merge import CALL_CHECKS
-from gdbext.core.qemu import parse_gva2gpa
+from gdbext.core.merge_catalog import CALL_CHECKS
 from gdbext.core.xensyms import load_xen_syms
 
+from ..oracles import parse_gva2gpa
 from .conftest import booted_to
 
 ENTRY = "__efi64_mb2_start"

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from gdbext.core.qemu import parse_gva2gpa, parse_info_mem
 from gdbext.core.xensyms import load_xen_syms
 from tests.qemu_tlb import parse_info_tlb
+
+from ..oracles import parse_gva2gpa, parse_info_mem
 
 INGDB = Path(__file__).with_name("ingdb.py")
 STOPS = ["at_entry", "at_start_xen", "at_construct_dom0"]

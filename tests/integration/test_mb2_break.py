@@ -17,7 +17,7 @@ import pytest
 
 from gdbext.core import bootstops
 from gdbext.core.bootstops import ENTRY, HIGH_START, LOW, START_XEN, TRAMPOLINE_CR3, build_plan
-from gdbext.core.l4merge import CALL_CHECKS
+from gdbext.core.merge_catalog import CALL_CHECKS
 from gdbext.core.xensyms import load_xen_syms
 from gdbext.host.gdbdriver import GdbSession, lab_session
 from gdbext.host.lab import Lab, LabConfig

@@ -19,11 +19,11 @@ import pytest
 from gdbext import paths
 from gdbext.core import bootstops
 from gdbext.core import walkthrough as wt
-from gdbext.core.qemu import parse_gva2gpa
 from gdbext.core.xensyms import load_xen_syms
 from gdbext.host.gdbdriver import lab_session
 from gdbext.host.lab import XEN_LOAD_BASE_RE, Lab, LabConfig
 
+from ..oracles import parse_gva2gpa
 from . import tutorial
 
 SVG_NS = "{http://www.w3.org/2000/svg}"

@@ -19,9 +19,9 @@ from elftools.elf.elffile import ELFFile
 
 from gdbext import paths
 from gdbext.core import x86, xenimage
-from gdbext.core.qemu import parse_gva2gpa
 from gdbext.core.xensyms import load_xen_syms
 
+from ..oracles import parse_gva2gpa
 from .conftest import booted_to
 
 MEMORY_SIZES_MB = (1024, 4096)

@@ -14,10 +14,10 @@ from gdbext.core.bootstops import (CALL, EFI_MB2, EFI_RETURN, ENTRY, HIGH_START,
                                    LINKED, LOAD, LOW, MERGE, START_XEN, SWITCH, TABLES_RELOCATED,
                                    TRAMPOLINE_CR3, TRAMPOLINE_SETUP, TablesSnapshot, build_plan,
                                    diff_snapshots, find_call_rel32, find_cr3_load,
-                                   find_loop_after, find_merge, select_checks, stop_at,
+                                   find_loop_after, find_merge, stop_at,
                                    where_in_boot)
 from gdbext.core.errors import GdbextError
-from gdbext.core.l4merge import CHECK_IDS, CHECKS_AT_STOP
+from gdbext.core.merge_catalog import CHECK_IDS, CHECKS_AT_STOP, select_checks
 from gdbext.core.xensyms import load_xen_syms
 
 SYMS = paths.XEN_DEBIAN_SYMS

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from gdbext import paths
-from gdbext.core import bootstops, l4merge, locate, merge_here, mb2session, paging, runto
+from gdbext.core import bootstops, locate, mb2session, merge_catalog, merge_here, paging, runto
 from gdbext.core.errors import GdbextError
 from gdbext.core.merge_here import CheckRequest, Journal, MergeRecord
 from gdbext.core.paging import PagingContext
@@ -50,7 +50,7 @@ def test_at_the_entry_the_check_predicts_and_captures_the_firmware(guest):
     assert record.firmware is not None and record.firmware.root == guest.firmware_root
     assert ev.header["firmware_source"] == f"captured at {bootstops.ENTRY}"
     # The raw merge fails (the RFC's crash), and the report covers every check.
-    assert [c["id"] for c in ev.result["checks"]] == list(l4merge.CHECK_IDS)
+    assert [c["id"] for c in ev.result["checks"]] == list(merge_catalog.CHECK_IDS)
     assert ev.result["ok"] is False
     assert merge_here.failed_line(ev.result).startswith("xen-l4merge-check: ")
 
@@ -59,10 +59,10 @@ def test_assume_relocated_predicts_the_relocated_variant(guest):
     regs = dict(guest.regs)
     ev = merge_here.evaluate(_lx(guest), guest.mem, regs, _ctx(regs), MergeRecord(),
                              CheckRequest(assume_relocated=True,
-                                          only=tuple(l4merge.CALL_CHECKS)))
+                                          only=tuple(merge_catalog.CALL_CHECKS)))
     assert ev.header["mode"] == merge_here.PREDICT_RELOCATED
     statuses = {c["id"]: c["status"] for c in ev.result["checks"]}
-    assert l4merge.FAIL not in statuses.values()
+    assert merge_catalog.FAIL not in statuses.values()
 
 
 def test_the_table_in_cr3_written_by_apply_is_checked_live(guest):
@@ -94,11 +94,11 @@ def test_mode_choice():
 def test_live_without_a_merged_table_runs_only_the_stops_checks():
     here = bootstops.TRAMPOLINE_CR3
     assert tuple(merge_here.applicable_checks(merge_here.LIVE, None, here)) == \
-        tuple(l4merge.CHECKS_AT_STOP.get(here, ()))
+        tuple(merge_catalog.CHECKS_AT_STOP.get(here, ()))
     assert tuple(merge_here.applicable_checks(merge_here.LIVE, None,
                                               bootstops.AFTER_START_XEN)) == ("I9",)
     assert tuple(merge_here.applicable_checks(merge_here.PREDICT, None, here)) == \
-        tuple(l4merge.CHECK_IDS)
+        tuple(merge_catalog.CHECK_IDS)
 
 
 def test_firmware_choice_order(guest):
@@ -286,14 +286,14 @@ def test_a_typo_in_a_check_or_stop_name_is_one_line(syms):
 def test_what_comes_next_and_the_result(syms):
     book = _book(syms, stops=(bootstops.ENTRY, bootstops.START_XEN))
     assert book.more_to_come() and book.next_name() == bootstops.ENTRY
-    ok = {"checks": [{"id": "I0", "status": l4merge.PASS}], "error": None}
+    ok = {"checks": [{"id": "I0", "status": merge_catalog.PASS}], "error": None}
     for stop in book.selected:
         book.record(syms, stop, stop.linked_va, {"cr3": 0x1000}, {}, ok, None)
     assert not book.more_to_come() and book.last_reached()
     res = book.result()
     assert res["complete"] and res["reached"] == [bootstops.ENTRY, bootstops.START_XEN]
-    assert res["ok"] and res["counts"][l4merge.PASS] == 2
-    bad = {"checks": [{"id": "I3", "status": l4merge.FAIL}], "error": None}
+    assert res["ok"] and res["counts"][merge_catalog.PASS] == 2
+    bad = {"checks": [{"id": "I3", "status": merge_catalog.FAIL}], "error": None}
     book.record(syms, book.selected[-1], 0, {}, {}, bad, None)
     assert mb2session.failed(book.records[-1])
     assert mb2session.failed_checks(book.result()) == [f"I3 at {bootstops.START_XEN}"]

@@ -16,12 +16,15 @@ import struct
 import pytest
 
 from gdbext import paths
-from gdbext.core import bootstops, l4merge
+from gdbext.core import bootstops, merge_catalog
 from gdbext.core.errors import GdbextError
-from gdbext.core.l4merge import (CALL_CHECKS, CHECK_IDS, CHECKS, CHECKS_AT_STOP, FAIL, PASS,
-                                 SKIP, WARN, MergeState, parse_mbi, predict_merge,
-                                 render_text, results_as_dict, run_checks)
 from gdbext.core.memory import SyntheticMemory
+from gdbext.core.merge_catalog import (CALL_CHECKS, CHECK_IDS, CHECKS, CHECKS_AT_STOP, FAIL, PASS,
+                                       SKIP, WARN)
+from gdbext.core.merge_checks import CHECK_TABLE, MergeState, run_checks
+from gdbext.core.merge_predict import predict_merge
+from gdbext.core.merge_report import render_text, results_as_dict
+from gdbext.core.multiboot2 import parse_mbi
 from gdbext.core.xensyms import load_xen_syms
 
 from .merge_builders import (A, CR0_PE, CR0_PG, CR4_LA57, CR4_PAE, EFER_LME, MBI_PA, NX, P,
@@ -122,7 +125,7 @@ def test_plain_prediction_fails_naming_slot_261_and_l3_xenmap(syms, plain):
     # The walk of efi_multiboot2's linked VA goes through M[slot] into firmware memory.
     steps = results["I6"].evidence["walk"]
     assert steps[0]["index"] == slot and steps[1]["table"] == link & ~0xFFF
-    assert not l4merge.ok(results.values())
+    assert not merge_catalog.ok(results.values())
 
 
 GUESTS = {
@@ -161,7 +164,7 @@ def test_relocated_prediction_passes_every_call_check(syms, relocated):
     results = by_id(run_checks(state_for(g, pred)))
     for cid in CALL_CHECKS:
         assert results[cid].status == PASS, results[cid]
-    assert l4merge.ok(results.values())
+    assert merge_catalog.ok(results.values())
     i6 = results["I6"].evidence
     assert i6["pa"] == pa(syms, g.load_base, "efi_multiboot2")
     assert i6["bytes_compared"] == syms.lookup("efi_multiboot2").size
@@ -730,8 +733,8 @@ def test_selection(syms, relocated):
     g, pred = relocated
     st = state_for(g, pred)
     assert [r.id for r in run_checks(st, only=["i3,I4"])] == ["I3", "I4"]
-    assert l4merge.select("I6 i0") == ["I0", "I6"]
-    assert l4merge.select(skip=CHECK_IDS[1:]) == ["I0"]
+    assert merge_catalog.select("I6 i0") == ["I0", "I6"]
+    assert merge_catalog.select(skip=CHECK_IDS[1:]) == ["I0"]
     assert "I10" not in [r.id for r in run_checks(st, skip=["I10"])]
     with pytest.raises(GdbextError, match="unknown check I14"):
         run_checks(st, only=["I14"])
@@ -767,3 +770,12 @@ def test_json_contract_and_text(syms, plain):
     assert "faults:" in text and "reviewer: Frediano" in text and "\x1b[" not in text
     assert "FAILED" in text.splitlines()[-1]
     assert "\x1b[1;31mFAIL" in render_text(results, color=True)
+
+
+def test_every_catalogued_check_has_one_named_function():
+    assert tuple(CHECK_TABLE) == CHECK_IDS
+    functions = [fn for fn, _info in CHECK_TABLE.values()]
+    assert len(set(functions)) == len(functions)
+    for cid, (fn, info) in CHECK_TABLE.items():
+        assert info is CHECKS[cid] and fn.__name__.startswith("check_")
+        assert fn.__doc__.startswith(f"{cid}: "), fn.__name__

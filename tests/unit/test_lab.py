@@ -1,4 +1,4 @@
-"""Fast tests of gdbext.host.lab's pure parts: no QEMU, no GRUB, no network beyond 127.0.0.1."""
+"""Fast tests of gdbext.lab's pure parts: no QEMU, no GRUB, no network beyond 127.0.0.1."""
 
 import os
 import re
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gdbext.host import lab as L
+from gdbext.core import multiboot2
 from gdbext.core.errors import GdbextError
 
 
@@ -19,8 +20,8 @@ from gdbext.core.errors import GdbextError
 
 def mb2_image(path: Path, offset: int = 0x98, checksum_ok: bool = True) -> Path:
     """A tiny file with a multiboot2 header at ``offset`` (enough for validation)."""
-    data = bytearray(L.MB2_SEARCH_BYTES + 4096)
-    magic, arch, length = L.MB2_HEADER_MAGIC, 0, 24
+    data = bytearray(multiboot2.MB2_SEARCH_BYTES + 4096)
+    magic, arch, length = multiboot2.MB2_HEADER_MAGIC, 0, 24
     checksum = (-(magic + arch + length)) & 0xFFFFFFFF
     if not checksum_ok:
         checksum ^= 1
@@ -198,14 +199,14 @@ def test_images_that_are_not_multiboot2_are_refused(tmp_path):
 
 
 def test_find_multiboot2_header():
-    data = bytearray(L.MB2_SEARCH_BYTES + 64)
-    magic = L.MB2_HEADER_MAGIC
+    data = bytearray(multiboot2.MB2_SEARCH_BYTES + 64)
+    magic = multiboot2.MB2_HEADER_MAGIC
     struct.pack_into("<IIII", data, 0x98, magic, 0, 16, (-(magic + 16)) & 0xFFFFFFFF)
-    assert L.find_multiboot2_header(bytes(data)) == 0x98
-    late = bytearray(L.MB2_SEARCH_BYTES + 64)
-    struct.pack_into("<IIII", late, L.MB2_SEARCH_BYTES, magic, 0, 16, (-(magic + 16)) & 0xFFFFFFFF)
-    assert L.find_multiboot2_header(bytes(late)) is None
-    assert L.find_multiboot2_header(b"") is None
+    assert multiboot2.find_header(bytes(data)) == 0x98
+    late = bytearray(multiboot2.MB2_SEARCH_BYTES + 64)
+    struct.pack_into("<IIII", late, multiboot2.MB2_SEARCH_BYTES, magic, 0, 16, (-(magic + 16)) & 0xFFFFFFFF)
+    assert multiboot2.find_header(bytes(late)) is None
+    assert multiboot2.find_header(b"") is None
 
 
 def test_gzip_image_is_looked_into(tmp_path):

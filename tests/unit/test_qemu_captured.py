@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gdbext.core.qemu import (MemoryMap, main_ram, parse_gva2gpa, parse_info_mem,
-                              parse_info_registers, parse_mtree_flat, parse_xp_qwords)
+from gdbext.core.qemu import (MemoryMap, main_ram, parse_info_registers, parse_mtree_flat,
+                              parse_xp_qwords)
+from tests.oracles import parse_gva2gpa, parse_info_mem
 from tests.qemu_tlb import parse_info_tlb
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "qemu72"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from gdbext.core.x86 import PAGE_SIZE, SIZE_1G, size_name
+from gdbext.core.x86 import CONTROL_REGISTER_FLAG_NAMES, PAGE_SIZE, SIZE_1G, size_name
 
 M = 1 << 20
 
@@ -25,3 +25,19 @@ def test_size_name_is_exact():
         for part in size_name(size).split("+"):
             total += int(part[:-1]) * units[part[-1]]
         assert total == size
+
+
+# Bit positions from the Intel SDM vol. 3A, 2.5 (CR0, CR4) and 2.2.1 (IA32_EFER),
+# written here independently of x86.py.
+SDM_BITS = {
+    "cr0": {"PE": 0, "WP": 16, "PG": 31},
+    "cr4": {"PSE": 4, "PAE": 5, "PGE": 7, "LA57": 12, "SMEP": 20, "SMAP": 21, "PKE": 22},
+    "efer": {"SCE": 0, "LME": 8, "LMA": 10, "NXE": 11},
+}
+
+
+def test_control_register_flag_names_match_the_sdm():
+    assert list(CONTROL_REGISTER_FLAG_NAMES) == ["cr0", "cr4", "efer"]
+    for reg, pairs in CONTROL_REGISTER_FLAG_NAMES.items():
+        assert {name: bit.bit_length() - 1 for bit, name in pairs} == SDM_BITS[reg], reg
+        assert [bit for bit, _ in pairs] == sorted(bit for bit, _ in pairs), reg

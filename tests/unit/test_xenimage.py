@@ -13,10 +13,10 @@ from gdbext.core.xenimage import (ABSOLUTE, FOREIGN, NOT_PRESENT, RELOCATED, REL
 from gdbext.core.xensyms import load_xen_syms
 from gdbext.core import xenimage
 from gdbext.core.memory import SyntheticMemory
-from gdbext.core.xenimage import (MB2_BOOTLOADER_MAGIC, MBI_TAG_LOAD_BASE_ADDR, BuildIdCheck,
-                                  base_from_esi, base_from_mbi, base_from_rip, build_id_in_memory,
-                                  check_build_id, esi_stretch, phys_start_holds, scan,
-                                  scan_candidates, verify_base)
+from gdbext.core.multiboot2 import MB2_BOOTLOADER_MAGIC, MBI_TAG_LOAD_BASE_ADDR
+from gdbext.core.xenimage import (BuildIdCheck, base_from_esi, base_from_mbi, base_from_rip,
+                                  build_id_in_memory, check_build_id, esi_stretch,
+                                  phys_start_holds, scan, scan_candidates, verify_base)
 
 # Any 2 MiB-aligned base works: the arithmetic must not depend on the lab's choice.
 B = 0x12600000

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from gdbext import paths
+from gdbext.core import x86
 from gdbext.core import xensyms as X
 from gdbext.core.errors import GdbextError
 
@@ -226,8 +227,8 @@ def test_boot_tables_exist_with_their_page_counts(syms, nm):
     assert [t.name for t, _ in found] == [t.name for t in X.BOOT_TABLES]
     for t, s in found:
         ((v, _, size),) = nm[t.name]
-        assert s.value == v and size == t.pages * X.PAGE_SIZE, t.name
-        assert v % X.PAGE_SIZE == 0 and syms.in_image(v)
+        assert s.value == v and size == t.pages * x86.PAGE_SIZE, t.name
+        assert v % x86.PAGE_SIZE == 0 and syms.in_image(v)
     # The relocated set: exactly the tables between the __page_tables markers.
     inside = {t.name for t, s in found if syms.page_tables_start <= s.value < syms.page_tables_end}
     assert inside == {"idle_pg_table", "l3_xenmap", "l2_xenmap", "l2_fixmap",

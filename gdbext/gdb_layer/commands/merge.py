@@ -18,7 +18,7 @@ from typing import List
 import gdb
 from tabulate import tabulate
 
-from ...core import bootstops, l4merge, merge_here, paging, x86
+from ...core import bootstops, merge_here, merge_predict, merge_report, paging, x86
 from ...core.errors import GdbextError
 from ...core.merge_here import CheckRequest, Change, Journal, describe_pa, failed_line, where
 from ...core.xenimage import LoadedXen
@@ -27,7 +27,7 @@ from ..merge_live import evaluate, remember_firmware
 
 ENTRY = bootstops.ENTRY                 # "__efi64_mb2_start"
 CALL = bootstops.CALL                   # "call efi_multiboot2"
-CALL_TARGET = l4merge.CALL_TARGET       # "efi_multiboot2", the symbol
+CALL_TARGET = merge_predict.CALL_TARGET       # "efi_multiboot2", the symbol
 # Continuing from the entry to the call instruction takes microseconds of guest time;
 # this only bounds a guest that went elsewhere.
 RUN_TO_CALL_TIMEOUT_S = 60.0
@@ -99,7 +99,7 @@ class L4MergeCheckCommand(XenCommand):
                             f"({ctx['firmware_source']})")
             if ctx["table"] is not None:
                 head.append(f"merged L4 M = {ctx['table']:#x} ({ctx['table_source']})")
-            emit("; ".join(head) + "\n" + l4merge.render_text(results), from_tty)
+            emit("; ".join(head) + "\n" + merge_report.render_text(results), from_tty)
         line = failed_line(result)
         if line:
             raise GdbextError(line)
@@ -182,11 +182,11 @@ def apply_merge(ctx, relocate: bool = False) -> dict:
     snap = ctx.merge.snapshot_for(lx.load_base)
     assert snap is not None
     with t.phys_mode():
-        prediction = l4merge.predict_merge(syms, t.cache, lx.load_base, snap.root,
+        prediction = merge_predict.predict_merge(syms, t.cache, lx.load_base, snap.root,
                                            relocate=relocate)
     journal = Journal(lx.load_base, relocated=relocate, table_source=prediction.table_source)
     ctx.merge.journal = journal
-    fills = l4merge.fill_slots(lx)
+    fills = merge_predict.fill_slots(lx)
     try:
         for pa in sorted(prediction.writes):
             data = prediction.writes[pa]

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import gdb
 
 from ...core import bootstops as bs
-from ...core import l4merge, paging, x86
+from ...core import merge_catalog, paging, x86
 from ...core import walkthrough as wt
 from ...core.errors import GdbextError
 from ...core.mb2session import SessionOptions
@@ -140,7 +140,7 @@ def entry_comparison(gctx, xen: LoadedXen, regs: Dict[str, int]) -> dict:
         for relocate in (False, True):
             res = check_here(gctx, CheckRequest(stop=bs.ENTRY, predict=True,
                                                 assume_relocated=relocate,
-                                                only=tuple(l4merge.CALL_CHECKS)))
+                                                only=tuple(merge_catalog.CALL_CHECKS)))
             verdicts["relocated" if relocate else "raw"] = [
                 {"id": c["id"], "status": c["status"], "summary": c["summary"]}
                 for c in res.get("checks") or []]
