@@ -277,10 +277,13 @@ class PtCommand(XenCommand):
             namer = situation_namer(sit, loaded)
             if args.levels:
                 text = tree_text(sit, sit.memory(), lo, hi, namer, loaded)
-                _emit(text + (f"\n({xen_note})" if xen_note else ""), from_tty)
-                return
-            en = paging.enumerate_ranges(sit.ctx, sit.memory(), sit.root, lo, hi,
-                                         follow_cycles=not args.no_follow_cycles)
+            else:
+                en = paging.enumerate_ranges(sit.ctx, sit.memory(), sit.root, lo, hi,
+                                             follow_cycles=not args.no_follow_cycles)
+        # Printed only once phys_mode has checked the last replies (restore included).
+        if args.levels:
+            _emit(text + (f"\n({xen_note})" if xen_note else ""), from_tty)
+            return
         ranges = _filter(en.ranges, args)
         truncated = 0
         if args.limit and len(ranges) > args.limit:
