@@ -20,7 +20,8 @@ from ..core.paging import ATTR_NX, ATTR_U, ATTR_W, MODES, PagingContext
 from . import xen_cmds
 from .addresses import SYNTAX_HELP, parse_address
 from .backend import target
-from .command import CommandParser, XenCommand, add_json_option, parse_int, use_color
+from .command import (CommandParser, XenCommand, add_json_option, parse_count, parse_int,
+                      use_color)
 
 CONTROL_REGISTERS = ("cr0", "cr3", "cr4", "efer")
 
@@ -242,8 +243,9 @@ class PtCommand(XenCommand):
         p.add_argument("--user", action="store_true", help="only user-accessible ranges")
         p.add_argument("--levels", action="store_true",
                        help="show the tree, table by table, instead of ranges")
-        p.add_argument("--limit", type=parse_int, default=0, metavar="N",
-                       help="show at most N ranges (0: all)")
+        p.add_argument("--limit", type=parse_count, default=0, metavar="N",
+                       help="show at most N ranges, N notes (with --levels: N lines); the "
+                            "enumeration stops there (0: all, up to gdbext's cap on work)")
         p.add_argument("--no-follow-cycles", action="store_true",
                        help="do not descend through entries that point back to a table above "
                             "(e.g. Xen's linear page-table slot 258)")
@@ -276,10 +278,13 @@ class PtCommand(XenCommand):
             loaded, xen_note = xen_cmds.loaded_or_note()
             namer = situation_namer(sit, loaded)
             if args.levels:
-                text = tree_text(sit, sit.memory(), lo, hi, namer, loaded)
+                text = tree_text(sit, sit.memory(), lo, hi, namer, loaded, args.limit)
             else:
+                # With a filter, the limit counts filtered ranges: only the cap applies.
+                filtered = args.writable or args.exec or args.wx or args.user
                 en = paging.enumerate_ranges(sit.ctx, sit.memory(), sit.root, lo, hi,
-                                             follow_cycles=not args.no_follow_cycles)
+                                             follow_cycles=not args.no_follow_cycles,
+                                             limit=None if filtered else args.limit)
         # Printed only once phys_mode has checked the last replies (restore included).
         if args.levels:
             _emit(text + (f"\n({xen_note})" if xen_note else ""), from_tty)
@@ -289,30 +294,42 @@ class PtCommand(XenCommand):
         if args.limit and len(ranges) > args.limit:
             truncated = len(ranges) - args.limit
             ranges = ranges[:args.limit]
+        notes = en.notes[:args.limit] if args.limit else en.notes
+        notes_more = len(en.notes) - len(notes) + en.notes_dropped
         if args.json:
             gdb.write(render.ranges_json(en, ranges, truncated, namer,
                                          _xen_keys(loaded, xen_note)) + "\n")
             return
         root_name = f" = {namer(sit.root)}" if namer and namer(sit.root) else ""
+        counted = "the first " if (en.limited or en.stopped) else ""
         head = (f"{sit.ctx.mode.name} paging, root {sit.root:#x}{root_name} ({sit.root_source}): "
-                f"{len(en.ranges)} ranges, {len(en.tables)} tables")
+                f"{counted}{len(en.ranges)} ranges, {len(en.tables)} tables")
         parts = [head, render.ranges_table(ranges, namer)]
         if truncated:
             parts.append(f"... {truncated} more ranges (raise --limit, or 0 for all)")
-        parts.extend(render.notes_text(en.notes))
+        elif en.limited:
+            parts.append(f"... more ranges not enumerated (--limit {args.limit} stopped the "
+                         "enumeration; raise it, or 0 for all)")
+        parts.extend(render.notes_text(notes))
+        if notes_more:
+            parts.append(f"... {notes_more} more notes (raise --limit, or narrow with --range)")
+        if en.stopped:
+            parts.append(f"note: {en.stopped}")
         if xen_note:
             parts.append(f"({xen_note})")
         _emit("\n".join(parts), from_tty)
 
 
 def tree_text(sit: Situation, cache, lo: Optional[int], hi: Optional[int], namer=None,
-              loaded=None) -> str:
+              loaded=None, limit: int = 0) -> str:
     def note(entry_pa: int, raw: int) -> Optional[str]:
         v = judge_raw(loaded, entry_pa, raw, sit)
         return verdict_text(v) if v is not None else None
 
     rows = paging.tree_rows(sit.ctx, cache, sit.root, lo, hi, namer=namer,
-                            entry_note=note if loaded is not None else None)
+                            entry_note=note if loaded is not None else None,
+                            max_rows=min(limit, paging.MAX_TREE_ROWS) if limit
+                            else paging.MAX_TREE_ROWS)
     return "\n".join(rows)
 
 
