@@ -566,6 +566,10 @@ def locate(base: Optional[int] = None, scan_only: bool = False) -> dict:
                     "verified": True, "candidates_read": None, "candidates": None}
     found = None
     if base is not None:
+        from .paging_cmds import maxphyaddr   # paging_cmds imports this module
+        problem = xenimage.user_base_problem(syms, base, maxphyaddr(), t.main_ram())
+        if problem:
+            raise GdbextError(f"xen-locate --base: {problem}")
         if xenimage.has_bytes(syms):
             with t.phys_mode():
                 result["verified"] = xenimage.verify_base(t.cache, syms, base)
