@@ -601,8 +601,9 @@ class _Enumerator:
         hole = (shape.entries // 2 if self.mode.long_mode and level == self.mode.top_level
                 else -1)
         budget = self.budget
-        # At the top level, --limit stops the enumeration once it has its ranges.
-        top_limit = budget.limit if level == self.mode.top_level else None
+        # --limit stops the enumeration once a table has that many ranges (a level above
+        # may still merge some: then fewer are shown, and the head says "the first").
+        top_limit = budget.limit
         self.path.append(table_pa)
         try:
             for idx in range(first, last):
@@ -635,9 +636,7 @@ class _Enumerator:
                         continue
                     if r_va >= 0:
                         out.append((r_va, r_end, r_pa, r_size, r_attrs))
-                    if not budget.spend():
-                        r_va = -1
-                        break
+                    budget.spend()   # over the cap: no new entries (loop head), keep this one
                     r_va, r_end, r_pa, r_size, r_attrs = off, off + (1 << shift), pa, size, a
                     continue
                 # a pointer to the next level
@@ -667,9 +666,9 @@ class _Enumerator:
                         continue
                     if r_va >= 0:
                         out.append((r_va, r_end, r_pa, r_size, r_attrs))
-                    if not budget.spend():
-                        r_va = -1
-                        break
+                    # Over the cap, what was found below is still carried up (bounded by
+                    # the work already done, once per level); nothing new is read.
+                    budget.spend()
                     r_va, r_end, r_pa, r_size, r_attrs = c_va, c_end, c_pa, c_size, a
         finally:
             self.path.pop()
