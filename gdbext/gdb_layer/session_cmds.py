@@ -28,7 +28,7 @@ from ..core.errors import GdbextError, MemoryReadError
 from ..core.xenimage import LoadedXen
 from . import merge_cmds, xen_cmds
 from .backend import target
-from .command import CommandParser, XenCommand, add_json_option, use_color
+from .command import CommandParser, XenCommand, add_json_option, one_line, use_color
 
 # Bytes compared at a stop: the ELF's bytes at the stop's instruction, so that
 # a stop at a planted address that is not Xen's code is never reported.
@@ -457,6 +457,11 @@ class Mb2BreakCommand(XenCommand):
                     stopped_on_fail = True
         except GdbextError as err:
             session.error = str(err)
+        except gdb.error as err:
+            # QEMU died or closed the connection while the guest ran: keep the stops
+            # already reached, and say what happened in one line.
+            session.error = (f"QEMU is gone (GDB: {one_line(err)}) while waiting for the next "
+                             f"stop: {len(session.records)} stop(s) reached are reported")
         finally:
             session.batch_running = False
             session.finish()
