@@ -213,3 +213,18 @@ def test_5level_reading_of_a_4level_root_with_limit_prints_a_handful_quickly(at_
     print(f"\nxen-pt --mode 5-level --limit 5: {len(lines)} lines in {seconds:.2f} s; "
           f"without --limit: {len(full['ranges'])} ranges, {len(full['notes'])} notes, "
           f"stopped={full['stopped']!r}")
+
+
+@pytest.mark.parametrize("command,words", [
+    ("xen-pt --limit -1", "must be 0 or more"),
+    ("xen-locate --base -1", "not a plausible load base"),
+    ("xen-locate --base 0x100000000000", "not a plausible load base"),
+])
+def test_impossible_values_are_refused_in_one_line(at_entry, command, words):
+    before = at_entry.gdb.execute("xen-info --json", check=False)
+    reply = at_entry.gdb.execute(command, check=False)
+    assert reply.error is not None and words in reply.error and "\n" not in reply.error
+    assert reply.out == ""
+    # Nothing was stored: B is what it was.
+    after = at_entry.gdb.execute("xen-info --json", check=False)
+    assert after.out == before.out

@@ -52,12 +52,17 @@ def _right_or_one_line(reply, right: str) -> str:
 def test_stall_during_walk_gives_the_right_tree_or_one_line(at_entry_stall, after, seconds):
     stop, right = at_entry_stall
     stop.cmd("set remotetimeout 2")
+    # Drop the pages cached at this stop (setting the read method does), so that the
+    # walk reads every table over the wire while QEMU is stopped.
+    stop.cmd("set xen-phys-read auto")
     th = _stall(stop.lab.pid, after, seconds)
     try:
         reply = stop.gdb.execute("xen-pt --levels", timeout=300, check=False)
     finally:
         th.join()
     outcome = _right_or_one_line(reply, right)
+    print(f"\nstall {seconds} s at {after} s: {outcome}"
+          + (f": {reply.error}" if reply.error else f" ({len(right.splitlines())} lines)"))
     # The next command: right, or (a copy of the last reply still queued) the one line;
     # after the reconnect that line asks for, right.
     nxt = stop.gdb.execute("xen-pt --levels", timeout=120, check=False)
