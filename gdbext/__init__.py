@@ -34,8 +34,8 @@ def load() -> bool:
     if problem:
         gdb.write(problem + "\n", gdb.STDERR)
         return False
-    from . import gdb_layer
+    from .gdb_layer import registry
 
-    if gdb_layer.install():
+    if registry.install():
         gdb.write("gdbext loaded: 'help xen' lists the commands\n")
     return True

@@ -25,7 +25,7 @@ from typing import Iterable, Optional
 from .core.errors import GdbextError as Error
 from .core.mb2session import SessionOptions
 from .core.merge_here import CheckRequest
-from .gdb_layer import install
+from .gdb_layer.registry import install
 from .gdb_layer.boot_session import BootSession
 from .gdb_layer.commands.xen import info as _info
 from .gdb_layer.context import CONTEXT, RootChoice

@@ -429,6 +429,53 @@ class Enumeration:
     notes: List[Note]
     tables: Dict[Tuple[int, int], int]   # (table PA, level) -> number of present entries
     pages_read: int = 0
+    # Why the enumeration stopped early (the hard cap on work), else None: ``ranges``
+    # are then the ones found so far, in order.
+    stopped: Optional[str] = None
+    # ``limit`` ranges were found and the enumeration stopped there (more may exist).
+    limited: bool = False
+    notes_dropped: int = 0               # notes found beyond MAX_NOTES, counted only
+
+
+# Hard caps that keep any table, however built, to bounded time and memory: a table
+# whose n entries all point back at itself maps n^levels ranges (n=32: 1,048,576
+# ranges, 408 MiB without the cap). A unit of work is one range started or one child
+# range carried up a level; the real guest's trees need a few thousand.
+MAX_WORK = 100_000
+MAX_NOTES = 1_000
+MAX_TREE_ROWS = 100_000
+
+
+def stopped_note(work: int) -> str:
+    return (f"stopped after {work} ranges (gdbext's cap on work, for tables that map "
+            f"more than that, e.g. entries pointing back at their own table): the ranges "
+            f"shown are the first ones; narrow with --range")
+
+
+class _Budget:
+    """Work, notes and the top-level limit shared by the windows of one enumeration."""
+
+    def __init__(self, max_work: int, max_notes: int, limit: Optional[int]):
+        self.work = 0
+        self.max_work = max_work
+        self.max_notes = max_notes
+        self.limit = limit
+        self.top_ranges = 0
+        self.stopped = False
+        self.limited = False
+        self.notes_dropped = 0
+
+    def spend(self) -> bool:
+        """One unit of work; False once the cap is reached (the caller stops)."""
+        self.work += 1
+        if self.work > self.max_work:
+            self.work = self.max_work
+            self.stopped = True
+        return not self.stopped
+
+    @property
+    def done(self) -> bool:
+        return self.stopped or self.limited
 
 
 # Cleared before comparing entries: accessed/dirty and software bits are not
@@ -468,7 +515,8 @@ _QWORD_ONES = _repeat_u64(1)
 
 class _Enumerator:
     def __init__(self, ctx: PagingContext, cache: PageCache, lo: int, hi: int,
-                 follow_cycles: bool = True):
+                 follow_cycles: bool = True, budget: Optional[_Budget] = None):
+        self.budget = budget if budget is not None else _Budget(MAX_WORK, MAX_NOTES, None)
         self.ctx = ctx
         self.mode = ctx.mode
         self.dec = Decoder(ctx)
@@ -508,9 +556,15 @@ class _Enumerator:
                 self.tables[key] = 512
         if result is None:
             result = self._scan_entries(ents, table_pa, level, base, shape)
-        if whole and self.use_memo:
+        if whole and self.use_memo and not self.budget.done:
             self.memo[key] = result
         return result
+
+    def _note(self, note: Note) -> None:
+        if len(self.notes) < self.budget.max_notes:
+            self.notes.append(note)
+        else:
+            self.budget.notes_dropped += 1
 
     def _uniform(self, page: bytes, ents: Sequence[int], level: int, shift: int
                  ) -> Optional[List[Range]]:
@@ -558,9 +612,18 @@ class _Enumerator:
         # range must never run from entry 255 into 256 (non-canonical in between).
         hole = (shape.entries // 2 if self.mode.long_mode and level == self.mode.top_level
                 else -1)
+        budget = self.budget
+        # --limit stops the enumeration once a table has that many ranges (a level above
+        # may still merge some: then fewer are shown, and the head says "the first").
+        top_limit = budget.limit
         self.path.append(table_pa)
         try:
             for idx in range(first, last):
+                if budget.done:
+                    break
+                if top_limit is not None and len(out) >= top_limit:
+                    budget.limited = True
+                    break
                 if idx == hole and r_va >= 0:
                     out.append((r_va, r_end, r_pa, r_size, r_attrs))
                     r_va = r_end = r_pa = r_size = r_attrs = -1
@@ -571,7 +634,7 @@ class _Enumerator:
                 off = idx << shift
                 info = dec.decode(level, raw)
                 if info.reserved:
-                    self.notes.append(Note("reserved", level, base + off, table_pa + idx * esz,
+                    self._note(Note("reserved", level, base + off, table_pa + idx * esz,
                                            raw, info.addr,
                                            f"reserved bits {info.reserved:#x}: the CPU faults here"))
                     continue
@@ -585,12 +648,13 @@ class _Enumerator:
                         continue
                     if r_va >= 0:
                         out.append((r_va, r_end, r_pa, r_size, r_attrs))
+                    budget.spend()   # over the cap: no new entries (loop head), keep this one
                     r_va, r_end, r_pa, r_size, r_attrs = off, off + (1 << shift), pa, size, a
                     continue
                 # a pointer to the next level
                 target = info.addr
                 if target in self.path:
-                    self.notes.append(Note(
+                    self._note(Note(
                         "cycle", level, base + off, table_pa + idx * esz, raw, target,
                         "points to this table" if target == table_pa else
                         "points to a table above it on this path"))
@@ -599,7 +663,7 @@ class _Enumerator:
                 try:
                     child = self.scan(target, level - 1, base + off)
                 except MemoryReadError as err:
-                    self.notes.append(Note("unreadable", level, base + off,
+                    self._note(Note("unreadable", level, base + off,
                                            table_pa + idx * esz, raw, target, str(err)))
                     continue
                 mine_and = info.attrs | ~(ATTR_W | ATTR_U)
@@ -614,6 +678,9 @@ class _Enumerator:
                         continue
                     if r_va >= 0:
                         out.append((r_va, r_end, r_pa, r_size, r_attrs))
+                    # Over the cap, what was found below is still carried up (bounded by
+                    # the work already done, once per level); nothing new is read.
+                    budget.spend()
                     r_va, r_end, r_pa, r_size, r_attrs = c_va, c_end, c_pa, c_size, a
         finally:
             self.path.pop()
@@ -625,13 +692,17 @@ class _Enumerator:
 
 def enumerate_ranges(ctx: PagingContext, mem: PhysMemory, root: int,
                      lo: Optional[int] = None, hi: Optional[int] = None,
-                     follow_cycles: bool = True) -> Enumeration:
+                     follow_cycles: bool = True, limit: Optional[int] = None,
+                     max_work: int = MAX_WORK, max_notes: int = MAX_NOTES) -> Enumeration:
     """Every mapping under ``root``, coalesced into ranges contiguous in VA and PA
     with the same effective attributes and page size.
 
     ``lo``/``hi`` (canonical VAs, ``hi`` exclusive) limit the walk: tables outside
     the window are not read. Each table page is read at most once (through a
     PageCache) and a subtree shared by several entries is scanned once.
+
+    ``limit`` stops the enumeration once that many ranges are found (``limited``);
+    ``max_work`` caps the work on any table (``stopped``), ``max_notes`` the notes kept.
     """
     mode = ctx.mode
     if mode is MODE_OFF:
@@ -666,8 +737,11 @@ def enumerate_ranges(ctx: PagingContext, mem: PhysMemory, root: int,
     all_ranges: List[Range] = []
     notes: List[Note] = []
     tables: Dict[Tuple[int, int], int] = {}
+    budget = _Budget(max_work, max_notes, limit if limit else None)
     for w_lo, w_hi in windows:
-        en = _Enumerator(ctx, cache, w_lo, w_hi, follow_cycles)
+        if budget.done:
+            break
+        en = _Enumerator(ctx, cache, w_lo, w_hi, follow_cycles, budget)
         try:
             rel = en.scan(root, top.level, 0)
         except MemoryReadError as err:
@@ -689,7 +763,12 @@ def enumerate_ranges(ctx: PagingContext, mem: PhysMemory, root: int,
             n.va = x86.canonical(n.va, mode.va_bits) if mode.long_mode else n.va
         notes.extend(en.notes)
         tables.update(en.tables)
-    return Enumeration(mode.name, root, all_ranges, notes, tables, cache.pages_read - before)
+    if limit and len(all_ranges) >= limit and (budget.limited or len(windows) > 1):
+        budget.limited = budget.limited or len(all_ranges) > limit
+        del all_ranges[limit:]
+    return Enumeration(mode.name, root, all_ranges, notes, tables, cache.pages_read - before,
+                       stopped=stopped_note(budget.work) if budget.stopped else None,
+                       limited=budget.limited, notes_dropped=budget.notes_dropped)
 
 
 def table_pages(ctx: PagingContext, mem: PhysMemory, root: int) -> List[Tuple[int, int]]:
@@ -731,18 +810,21 @@ def pa_to_vas(ranges: Sequence[Range], pa: int) -> List[Tuple[int, Range]]:
 
 
 def tree_rows(ctx: PagingContext, mem: PhysMemory, root: int, lo: Optional[int] = None,
-              hi: Optional[int] = None, namer=None, entry_note=None) -> List[str]:
+              hi: Optional[int] = None, namer=None, entry_note=None,
+              max_rows: int = MAX_TREE_ROWS) -> List[str]:
     """The tree table by table: one line per pointer, runs of leaves folded into one
     line, shared subtrees shown once, cycles named and not expanded.
 
     ``namer(pa)`` names tables and targets; ``entry_note(entry_pa, raw)`` may add a
-    word on a pointer (e.g. how a Xen table's entry compares with its link value)."""
+    word on a pointer (e.g. how a Xen table's entry compares with its link value).
+    At most ``max_rows`` lines are made (--limit, or the cap on work); a last line says
+    where it stopped."""
     mode = ctx.mode
     if mode is MODE_OFF:
         raise PagingOff("paging is off (CR0.PG=0): there are no page tables to walk")
     dec = Decoder(ctx)
     cache = mem if isinstance(mem, PageCache) else PageCache(mem)
-    lines: List[str] = []
+    lines = _RowList(max_rows)
     shown: Dict[Tuple[int, int], None] = {}
     esz = mode.entry_size
 
@@ -816,5 +898,30 @@ def tree_rows(ctx: PagingContext, mem: PhysMemory, root: int, lo: Optional[int] 
             visit(info.addr, level - 1, off, depth + 2, path + [table_pa])
         flush()
 
-    visit(root, mode.top_level, 0, 0, [])
-    return lines
+    try:
+        visit(root, mode.top_level, 0, 0, [])
+    except _RowsFull:
+        out = list(lines)
+        out.append(f"... stopped after {max_rows} lines (raise --limit, or narrow with "
+                   f"--range)" if max_rows < MAX_TREE_ROWS else
+                   f"... stopped after {max_rows} lines (gdbext's cap on work): narrow "
+                   f"with --range")
+        return out
+    return list(lines)
+
+
+class _RowsFull(Exception):
+    pass
+
+
+class _RowList(list):
+    """A list of lines that ends the tree walk when it is full."""
+
+    def __init__(self, max_rows: int):
+        super().__init__()
+        self.max_rows = max_rows
+
+    def append(self, line: str) -> None:
+        if len(self) >= self.max_rows:
+            raise _RowsFull()
+        super().append(line)

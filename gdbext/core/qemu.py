@@ -104,6 +104,17 @@ def parse_xp_qwords(text: str) -> List[int]:
     return words
 
 
+def parse_xp_lines(text: str) -> List[Tuple[int, List[int]]]:
+    """``xp /Ngx PA``: [(address, [qwords])] per data line, as printed (the backend
+    checks the addresses are the ones it asked for)."""
+    out: List[Tuple[int, List[int]]] = []
+    for line in text.splitlines():
+        m = _XP_LINE.match(line.strip())
+        if m:
+            out.append((int(m.group(1), 16), [int(w, 16) for w in m.group(2).split()]))
+    return out
+
+
 def parse_info_registers(text: str) -> Dict[str, int]:
     """``info registers``: every NAME=hex value, by lower-case name (rip, cr3, efer, ...)."""
     return {name.lower(): int(value, 16) for name, value in _REGISTER.findall(text)}

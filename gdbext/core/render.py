@@ -135,6 +135,7 @@ def ranges_report(en: Enumeration, ranges: Sequence[Range], truncated: int = 0,
         "ranges": [one(r) for r in ranges],
         "notes": [n.as_dict() for n in en.notes],
         "truncated": truncated,
+        "limited": en.limited, "stopped": en.stopped, "notes_dropped": en.notes_dropped,
         **(extra or {}),
     }
 

@@ -411,6 +411,26 @@ def plausible_base(syms, value: int) -> bool:
     return 0 < value < 1 << x86.MAXPHYADDR_ARCH and value % base_align(syms) == 0
 
 
+def user_base_problem(syms, base: int, maxphyaddr: int = x86.MAXPHYADDR_ARCH,
+                      ram: Sequence[Tuple[int, int]] = ()) -> Optional[str]:
+    """Why B given by the user cannot be Xen's load base (None if it can): it must be
+    a physical address aligned as plausible_base demands, with the whole image below
+    MAXPHYADDR and, when QEMU's memory map is known, inside the guest's RAM."""
+    end = base + syms.offset(syms.image_end)
+    if not plausible_base(syms, base):
+        return (f"{base:#x} is not a plausible load base: it must be a physical address "
+                f"above 0, below 2^{x86.MAXPHYADDR_ARCH}, and a multiple of "
+                f"{base_align(syms):#x} (Xen prints it: 'Xen image load base address')")
+    if end > 1 << maxphyaddr:
+        return (f"{base:#x} is not a plausible load base: Xen's image would end at "
+                f"{end:#x}, above MAXPHYADDR ({maxphyaddr} bits, 'set xen-maxphyaddr')")
+    if ram and not any(lo <= base and end <= hi for lo, hi in ram):
+        return (f"{base:#x} is not a plausible load base: Xen's image ({base:#x}..{end:#x}) "
+                f"is not inside the guest's RAM ("
+                + ", ".join(f"{lo:#x}..{hi:#x}" for lo, hi in ram) + ")")
+    return None
+
+
 def base_from_mbi(mem, syms, mbi_pa: int) -> Optional[int]:
     """B from the MBI's LOAD_BASE_ADDR tag (PA(_start)), verified against the ELF."""
     for ttype, payload in mbi_tags(mem, mbi_pa):

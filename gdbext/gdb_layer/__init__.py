@@ -18,33 +18,7 @@ Imported only inside GDB (it imports ``gdb``). The layers, bottom up:
 
 To add a command: a ``XenCommand`` subclass in a module of ``commands/`` (parse,
 call the core, print), created in that module's ``install(ctx)``, and the module
-listed in ``COMMAND_MODULES`` below. ``install()`` is idempotent, so sourcing
-gdbinit.py twice does no harm.
+listed in ``registry.COMMAND_MODULES``; ``registry.install()`` registers them all
+(idempotent, so sourcing gdbinit.py twice does no harm). This package's own import
+loads nothing, so a module of it can be imported alone (the backend's tests do).
 """
-
-from __future__ import annotations
-
-from . import functions, settings
-from .command import XenPrefix
-from .commands import diagram, mb2_break, merge, paging, walkthrough, xen
-from .context import CONTEXT
-
-COMMAND_MODULES = (paging, xen, merge, mb2_break, diagram, walkthrough)
-
-_INSTALLED = False
-
-
-def install() -> bool:
-    """Register the commands; returns False if they were already registered."""
-    global _INSTALLED
-    if _INSTALLED:
-        return False
-    XenPrefix()
-    settings.install(CONTEXT)
-    for module in COMMAND_MODULES:
-        module.install(CONTEXT)
-    functions.install(CONTEXT)
-    CONTEXT.connect_events()
-    CONTEXT.adopt_gdb_file()      # 'gdb xen-syms': the exec file is a Xen build
-    _INSTALLED = True
-    return True

@@ -19,9 +19,10 @@ from typing import Dict, Iterator, Optional
 
 import gdb  # noqa: F401  (this module is only imported inside GDB)
 
+from ..core import rsp
 from ..core.errors import GdbextError, MemoryReadError
 from ..core.memory import PageCache
-from ..core.qemu import MemoryMap, main_ram, parse_mtree_flat, parse_xp_qwords
+from ..core.qemu import MemoryMap, main_ram, parse_mtree_flat, parse_xp_lines, parse_xp_qwords
 
 NOT_CONNECTED = ("GDB is not connected to a running target: start QEMU with -s -S "
                  "(or scripts/xen-lab) and run 'target remote 127.0.0.1:PORT'")
@@ -55,6 +56,9 @@ class GdbTarget:
         self._memory_map: Optional[MemoryMap] = None
         self._main_ram: list = []
         self._memory_map_known = False
+        # Set when a reply was found out of step (rsp.ReplyOutOfStep): the stream stays
+        # shifted until GDB reconnects, so every later read fails with the same line.
+        self._out_of_step: Optional[rsp.ReplyOutOfStep] = None
 
     # -- state ---------------------------------------------------------------------
 
@@ -67,6 +71,7 @@ class GdbTarget:
         self._method = None
         self._memory_map = None
         self._memory_map_known = False
+        self._out_of_step = None
 
     def memory_map(self) -> Optional[MemoryMap]:
         """QEMU's RAM/ROM map, read once per connection; None if the monitor can't say.
@@ -137,9 +142,13 @@ class GdbTarget:
         if self.forced_method is not None:
             return self.forced_method
         if self._method is None:
-            state = _packet("qqemu.PhyMemMode")
+            state = self._exchange("qqemu.PhyMemMode")
             if state in ("0", "1"):
                 self._method = "phymem"
+            elif state:
+                # A stub without the packet answers "" (unknown packet); anything else
+                # is the reply to another request.
+                self._step_lost(rsp.ReplyOutOfStep("the physical-mode query", state))
             else:
                 try:
                     out = gdb.execute("monitor xp /1gx 0", to_string=True)
@@ -164,26 +173,82 @@ class GdbTarget:
             finally:
                 self._phys_depth -= 1
             return
-        previous = _packet("qqemu.PhyMemMode")
-        reply = _packet("Qqemu.PhyMemMode:1")
-        if reply != "OK":
-            raise GdbextError(f"QEMU refused physical-memory mode (reply {reply!r})")
+        self._raise_if_out_of_step()
+        # Every reply is checked: the query answers "0"/"1", each switch "OK". A reply
+        # of another shape means the stream is out of step (see core/rsp.py).
+        previous = self._checked(rsp.check_mode_query, self._exchange("qqemu.PhyMemMode"))
+        switched = self._exchange("Qqemu.PhyMemMode:1")
         self._phys_depth = 1
         try:
+            # QEMU has switched whatever reply GDB paired with the request: restore it
+            # below even when this check fails.
+            self._checked(rsp.check_ok, switched, "switching to physical mode")
             yield
         finally:
             self._phys_depth = 0
             if previous != "1":
-                # Restore even after Ctrl-C: retry once if the first attempt was interrupted.
-                for _ in range(2):
-                    try:
-                        if _packet("Qqemu.PhyMemMode:0") == "OK":
-                            break
-                    except KeyboardInterrupt:
-                        continue
+                self._restore_virtual_mode()
+            elif self._out_of_step is None:
+                self._checked(rsp.check_mode_query, self._exchange("qqemu.PhyMemMode"), "1")
+
+    def _restore_virtual_mode(self) -> None:
+        """Qqemu.PhyMemMode:0, then the query must answer "0". QEMU handles packets in
+        order, so the switch takes effect even when its reply is out of step; the
+        check that follows catches a copy left by a stall during the command."""
+        reply = None
+        # Restore even after Ctrl-C: retry once if the first attempt was interrupted.
+        for _ in range(2):
+            try:
+                reply = self._exchange("Qqemu.PhyMemMode:0")
+                break
+            except KeyboardInterrupt:
+                continue
+        if self._out_of_step is not None:
+            return
+        self._checked(rsp.check_ok, reply or "", "switching back to virtual mode")
+        self._checked(rsp.check_mode_query, self._exchange("qqemu.PhyMemMode"), "0")
+
+    # -- reply checking (core/rsp.py) ------------------------------------------------
+
+    @staticmethod
+    def _exchange(text: str) -> str:
+        """One packet and its reply ("" from a target that is not remote)."""
+        reply = _packet(text)
+        return "" if reply is None else reply
+
+    def _step_lost(self, err: rsp.ReplyOutOfStep) -> None:
+        """Remember (later commands fail the same way until GDB reconnects), drop what
+        was cached at this stop, and raise the one line."""
+        try:
+            timeout: Optional[int] = int(gdb.parameter("remotetimeout"))
+        except (gdb.error, RuntimeError, TypeError, ValueError):
+            timeout = None
+        try:
+            address = gdb.selected_inferior().connection.details
+        except (AttributeError, gdb.error, RuntimeError):
+            address = None
+        err = rsp.ReplyOutOfStep(err.what, err.got, remotetimeout=timeout, address=address)
+        self._out_of_step = err
+        self.invalidate()
+        raise err
+
+    def _raise_if_out_of_step(self) -> None:
+        if self._out_of_step is not None:
+            raise self._out_of_step
+
+    def _checked(self, check, *args):
+        try:
+            return check(*args)
+        except rsp.ReplyOutOfStep as err:
+            self._step_lost(err)
+
+    def _sentinel(self) -> None:
+        """The query whose answer is known ("1" in physical mode), after each page."""
+        self._checked(rsp.check_mode_query, self._exchange("qqemu.PhyMemMode"), "1")
 
     def read_phys(self, pa: int, size: int) -> bytes:
         """Backend read (uncached); callers go through ``self.cache``."""
+        self._raise_if_out_of_step()
         if pa < 0 or pa + size > (1 << 64):
             raise MemoryReadError(pa, size, "outside the 64-bit address space")
         mm = self.memory_map()
@@ -197,16 +262,28 @@ class GdbTarget:
                 return self._read_phymem(pa, size)
         return self._read_phymem(pa, size)
 
-    @staticmethod
-    def _read_phymem(pa: int, size: int) -> bytes:
-        try:
-            return gdb.selected_inferior().read_memory(pa, size).tobytes()
-        except gdb.MemoryError:
+    def _read_phymem(self, pa: int, size: int) -> bytes:
+        """'m' packets sent as they are, each reply checked for its exact length, then
+        the sentinel: GDB's read_memory would take a copy of an earlier reply of the
+        same size as this read's bytes. Bypasses GDB's caches (it is a physical read)."""
+        parts = []
+        refused: Optional[MemoryReadError] = None
+        for chunk_pa, n in rsp.read_chunks(pa, size):
+            try:
+                parts.append(self._checked(rsp.check_m_reply,
+                                           self._exchange(rsp.m_packet(chunk_pa, n)),
+                                           chunk_pa, n))
+            except MemoryReadError as err:
+                refused = err
+                break
+        # Only with the sentinel answered is "E.." known to be this read's reply.
+        self._sentinel()
+        if refused is not None:
             raise MemoryReadError(pa, size, "not backed by RAM or a device "
-                                  "(QEMU refused the physical read)") from None
+                                  "(QEMU refused the physical read)")
+        return b"".join(parts)
 
-    @staticmethod
-    def _read_xp(pa: int, size: int) -> bytes:
+    def _read_xp(self, pa: int, size: int) -> bytes:
         start = pa & ~7
         count = (pa + size - start + 7) // 8
         try:
@@ -216,9 +293,8 @@ class GdbTarget:
         for line in out.splitlines():
             if "Cannot access" in line or "error" in line.lower():
                 raise MemoryReadError(pa, size, line.strip())
-        words = parse_xp_qwords(out)
-        if len(words) < count:
-            raise MemoryReadError(pa, size, "short answer from monitor xp")
+        # Each line names its address: an answer to another request shows there.
+        words = self._checked(rsp.check_xp_lines, parse_xp_lines(out), start, count, pa, size)
         data = b"".join(w.to_bytes(8, "little") for w in words[:count])
         return data[pa - start:pa - start + size]
 
@@ -233,8 +309,13 @@ class GdbTarget:
             try:
                 gdb.selected_inferior().write_memory(pa, data)
             except gdb.MemoryError:
+                self._sentinel()   # an error reply out of step is not "not writable"
                 raise MemoryReadError(pa, len(data), "not writable") from None
-        self.invalidate()
+            finally:
+                self.invalidate()
+            # GDB has taken the reply to its write packet as it came: the sentinel
+            # shows whether that was the write's.
+            self._sentinel()
 
     def monitor(self, command: str) -> str:
         self.check_connected()

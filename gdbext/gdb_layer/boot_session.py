@@ -29,6 +29,7 @@ from ..core.errors import GdbextError, MemoryReadError
 from ..core.mb2session import VERIFY_BYTES, SessionBook, SessionOptions, failed
 from ..core.merge_here import CheckRequest
 from ..core.xenimage import LoadedXen
+from .command import one_line
 from .merge_live import check_here, remember_firmware
 from .run_to import run_to
 
@@ -229,6 +230,11 @@ class BootSession:
                     stopped_on_fail = True
         except GdbextError as err:
             book.error = str(err)
+        except gdb.error as err:
+            # QEMU died or closed the connection while the guest ran: keep the stops
+            # already reached, and say what happened in one line.
+            book.error = (f"QEMU is gone (GDB: {one_line(err)}) while waiting for the next "
+                          f"stop: {len(self.records)} stop(s) reached are reported")
         finally:
             self.batch_running = False
             self.finish()

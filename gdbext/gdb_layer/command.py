@@ -70,6 +70,14 @@ def parse_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def parse_count(text: str) -> int:
+    """A count (--limit): a non-negative integer in C syntax."""
+    value = parse_int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text!r}")
+    return value
+
+
 def eval_int(expr: str, what: str = "address") -> int:
     """Evaluate a GDB expression to an unsigned 64-bit integer."""
     try:

@@ -306,6 +306,10 @@ class Context:
                         "verified": True, "candidates_read": None, "candidates": None}
         found = None
         if base is not None:
+            problem = xenimage.user_base_problem(syms, base, self.settings.maxphyaddr,
+                                                 t.main_ram())
+            if problem:
+                raise GdbextError(f"xen-locate --base: {problem}")
             if xenimage.has_bytes(syms):
                 with t.phys_mode():
                     result["verified"] = xenimage.verify_base(t.cache, syms, base)

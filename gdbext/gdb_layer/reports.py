@@ -95,6 +95,7 @@ class RangesReport:
     truncated: int                   # how many more the limit left out
     loaded: object
     xen_note: Optional[str]
+    limit: int = 0                   # --limit: at most this many ranges and notes
 
     @property
     def namer(self):
@@ -107,12 +108,23 @@ class RangesReport:
     def text(self) -> str:
         namer, sit, en = self.namer, self.sit, self.en
         root_name = f" = {namer(sit.root)}" if namer and namer(sit.root) else ""
+        counted = "the first " if (en.limited or en.stopped) else ""
         head = (f"{sit.ctx.mode.name} paging, root {sit.root:#x}{root_name} "
-                f"({sit.root_source}): {len(en.ranges)} ranges, {len(en.tables)} tables")
+                f"({sit.root_source}): {counted}{len(en.ranges)} ranges, "
+                f"{len(en.tables)} tables")
         parts = [head, render.ranges_table(self.ranges, namer)]
         if self.truncated:
             parts.append(f"... {self.truncated} more ranges (raise --limit, or 0 for all)")
-        parts.extend(render.notes_text(en.notes))
+        elif en.limited:
+            parts.append(f"... more ranges not enumerated (--limit {self.limit} stopped the "
+                         "enumeration; raise it, or 0 for all)")
+        notes = en.notes[:self.limit] if self.limit else en.notes
+        notes_more = len(en.notes) - len(notes) + en.notes_dropped
+        parts.extend(render.notes_text(notes))
+        if notes_more:
+            parts.append(f"... {notes_more} more notes (raise --limit, or narrow with --range)")
+        if en.stopped:
+            parts.append(f"note: {en.stopped}")
         if self.xen_note:
             parts.append(f"({self.xen_note})")
         return "\n".join(parts)
@@ -128,14 +140,17 @@ def ranges_report(ctx, choice: RootChoice = RootChoice(), lo: Optional[str] = No
         lo_va = parse_address(ctx, lo, "range start") if lo is not None else None
         hi_va = parse_address(ctx, hi, "range end") if hi is not None else None
         loaded, xen_note = ctx.loaded_or_note()
+        # With a filter, the limit counts filtered ranges: only the cap applies.
+        filtered = keep != RangeFilter()
         en = paging.enumerate_ranges(sit.ctx, sit.mem, sit.root, lo_va, hi_va,
-                                     follow_cycles=follow_cycles)
+                                     follow_cycles=follow_cycles,
+                                     limit=None if filtered else (limit or None))
     ranges = [r for r in en.ranges if keep.keep(r)]
     truncated = 0
     if limit and len(ranges) > limit:
         truncated = len(ranges) - limit
         ranges = ranges[:limit]
-    return RangesReport(sit, en, ranges, truncated, loaded, xen_note)
+    return RangesReport(sit, en, ranges, truncated, loaded, xen_note, limit)
 
 
 @dataclass

@@ -291,7 +291,10 @@ class BootCheck:
             for setting in GDB_CONNECT_SETTINGS:
                 self.gdb.execute(setting)
             self.gdb.execute(f"set tcp connect-timeout {max(1, int(args.timeout))}")
-            self._step(f"target remote {target}", args.timeout + 10,
+            # --timeout bounds the whole attach: TCP connect (above) and the stub's first
+            # replies (a stub that accepts and stays silent would otherwise keep GDB
+            # retrying past it).
+            self._step(f"target remote {target}", args.timeout,
                        f"cannot attach to the gdbstub at {target}")
             self._step(f"xen-syms {gdb_word(str(args.xen_syms))}", args.timeout,
                        "cannot load xen-syms")

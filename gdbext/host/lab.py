@@ -104,6 +104,9 @@ ESP_XEN_NAME = "xen.gz"
 
 # Per-run files inside the workdir.
 WORKDIR_PREFIX = "run-"
+# Run directories kept under the lab directory (each ~2.4 MB: logs, ESP, OVMF vars);
+# older ones are removed when a new one is made, never one whose QEMU still runs.
+KEEP_RUNS = 5
 SERIAL_LOG_NAME = "serial.log"
 QEMU_LOG_NAME = "qemu.log"
 VARS_COPY_NAME = "OVMF_VARS.fd"
@@ -470,10 +473,51 @@ def _new_workdir(base: Optional[Path] = None) -> Path:
         candidate = base / (name if n == 1 else f"{name}-{n}")
         try:
             candidate.mkdir(parents=True)
-            return candidate
         except FileExistsError:
             continue
+        prune_runs(base, KEEP_RUNS)
+        return candidate
     raise LabError(f"could not create a fresh run directory under {base}")
+
+
+def _run_in_use(run_dir: Path) -> bool:
+    """Whether the QEMU recorded in the run's lab.json (or the run's maker) still runs."""
+    pids = []
+    try:
+        pids.append(int(json.loads((run_dir / LAB_INFO_NAME).read_text())["pid"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        # No QEMU recorded yet: run-STAMP-PID[-N] names the process that made it, which
+        # may be about to start one.
+        parts = run_dir.name[len(WORKDIR_PREFIX):].split("-")
+        if len(parts) >= 3 and parts[2].isdigit():
+            pids.append(int(parts[2]))
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            return True
+    return False
+
+
+def prune_runs(base: Path, keep: int = KEEP_RUNS) -> List[Path]:
+    """Remove all but the ``keep`` newest run directories under ``base`` (by mtime), never
+    one in use; returns what was removed."""
+    try:
+        runs = [p for p in Path(base).iterdir()
+                if p.is_dir() and p.name.startswith(WORKDIR_PREFIX)]
+    except OSError:
+        return []
+    runs.sort(key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
+    removed = []
+    for old in runs[keep:]:
+        if _run_in_use(old):
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+        removed.append(old)
+    return removed
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -905,7 +949,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             was_running = lab.alive()
             lab.stop()
             if was_running:
-                print(f"xen-lab: stopped QEMU (pid {lab.pid}); logs kept in {lab.workdir}", flush=True)
+                print(f"xen-lab: stopped QEMU (pid {lab.pid}); logs kept in {lab.workdir} "
+                      f"(the last {KEEP_RUNS} runs are kept under {lab.workdir.parent})",
+                      flush=True)
         finally:
             for sig, handler in saved.items():
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

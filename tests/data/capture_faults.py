@@ -132,8 +132,8 @@ def triple(out: Path) -> None:
         note(f"zero page {cand:#x} (l2_bootmap at B={b:#x}); resets logged so far: {resets()}")
         # GDB types CR3 as flags and will not 'set $cr3 = N': the merge's writer builds
         # the value in the register's own type.
-        gdb.execute("python __import__('gdbext.gdb_layer.merge_cmds', fromlist=['x'])"
-                    f"._set_register('cr3', {cand:#x})")
+        gdb.execute("python __import__('gdbext.gdb_layer.context', fromlist=['CONTEXT']).CONTEXT"
+                    f".set_register('cr3', {cand:#x})")
         t0 = time.monotonic()
         cont = gdb.execute("continue", timeout=120, check=False)
         note(f"continue -> after {time.monotonic() - t0:.2f} s: out={cont.out!r} "
@@ -198,8 +198,8 @@ def triple_qmp(out: Path) -> None:
             cand = syms.pa("l2_bootmap", b)
             words = parse_xp_qwords(gdb.execute(f"monitor xp /512gx {cand:#x}").out)
             assert len(words) == 512 and not any(words), "candidate page is not zeros"
-            gdb.execute("python __import__('gdbext.gdb_layer.merge_cmds', fromlist=['x'])"
-                        f"._set_register('cr3', {cand:#x})")
+            gdb.execute("python __import__('gdbext.gdb_layer.context', fromlist=['CONTEXT']).CONTEXT"
+                        f".set_register('cr3', {cand:#x})")
             t0 = time.monotonic()
             cont = gdb.execute("continue", timeout=120, check=False)
             note(f"[{attempt}] continue returned after {time.monotonic() - t0:.2f} s")

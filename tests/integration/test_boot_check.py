@@ -189,3 +189,29 @@ def test_unreachable_connect_exits_2(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "attach" in lines[0]
     assert report["result"] is None and root.get("errors") == "1"
+
+
+def test_timeout_bounds_the_attach_to_a_silent_stub(tmp_path):
+    """A port that accepts and never answers (QEMU stopped, or not a gdbstub): the attach
+    waits --timeout, not GDB's own retries on top of it."""
+    import socket as _socket
+    import threading
+    import time
+    with _socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        accepted = []
+        threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+        start = time.monotonic()
+        proc, report, root = boot_check(tmp_path, "--connect", f"127.0.0.1:{port}",
+                                        "--timeout", "3")
+        elapsed = time.monotonic() - start
+        for conn, _ in accepted:
+            conn.close()
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "attach" in lines[0], proc.stderr
+    assert "within 3 s" in lines[0], lines[0]
+    assert report["result"] is None
+    print(f"\nattach to a silent stub with --timeout 3: {elapsed:.1f} s in all: {lines[0]}")

@@ -254,3 +254,37 @@ def test_ctrl_c_in_the_middle_of_a_walk_restores_phys_mode(at_entry):
             assert reply.json()["ranges"] == full["ranges"]
     assert interrupted, "no interrupt landed during a walk"
     assert at_entry.json("xen-pt --json")["ranges"] == full["ranges"]
+
+
+def test_5level_reading_of_a_4level_root_with_limit_prints_a_handful_quickly(at_entry):
+    """CR3's 4-level root read as a PML5 maps a huge number of ranges (523,272 lines
+    before the limit stopped the enumeration): --limit 5 stops it early."""
+    import time
+    start = time.monotonic()
+    reply = at_entry.cmd("xen-pt --mode 5-level --limit 5")
+    seconds = time.monotonic() - start
+    lines = reply.out.splitlines()
+    assert lines[0].startswith("5-level paging") and "the first 5 ranges" in lines[0]
+    assert len(lines) <= 5 + 5 + 8, lines          # head, table header, ranges, notes, tail
+    assert any("stopped the enumeration" in line for line in lines)
+    full = at_entry.json("xen-pt --mode 5-level --json", timeout=300)
+    limited = at_entry.json("xen-pt --mode 5-level --limit 5 --json")
+    assert limited["ranges"] == full["ranges"][:5]
+    print(f"\nxen-pt --mode 5-level --limit 5: {len(lines)} lines in {seconds:.2f} s; "
+          f"without --limit: {len(full['ranges'])} ranges, {len(full['notes'])} notes, "
+          f"stopped={full['stopped']!r}")
+
+
+@pytest.mark.parametrize("command,words", [
+    ("xen-pt --limit -1", "must be 0 or more"),
+    ("xen-locate --base -1", "not a plausible load base"),
+    ("xen-locate --base 0x100000000000", "not a plausible load base"),
+])
+def test_impossible_values_are_refused_in_one_line(at_entry, command, words):
+    before = at_entry.gdb.execute("xen-info --json", check=False)
+    reply = at_entry.gdb.execute(command, check=False)
+    assert reply.error is not None and words in reply.error and "\n" not in reply.error
+    assert reply.out == ""
+    # Nothing was stored: B is what it was.
+    after = at_entry.gdb.execute("xen-info --json", check=False)
+    assert after.out == before.out

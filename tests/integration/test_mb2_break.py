@@ -242,3 +242,35 @@ def test_backtrace_names_xen_functions_at_the_load_address(fresh):
     assert re.search(r"^#0 .* in efi_multiboot2 \(\)", frames[0]), frames
     assert re.search(r"^#1 .* in __efi64_mb2_start \(\)", frames[1]), frames
     assert fresh.gdb.execute("info symbol $pc").out.startswith("efi_multiboot2 in section")
+
+
+KILL_AFTER_ENTRY = """
+import os, signal, gdb
+from gdbext.gdb_layer.context import CONTEXT
+from gdbext.core.bootstops import build_plan
+def _kill_qemu_after_entry(event, _pid={pid}):
+    base = CONTEXT.xen.load_base
+    if base is None or CONTEXT.xen.syms is None:
+        return
+    entry = build_plan(CONTEXT.xen.syms).stops[0].address(base)
+    if int(gdb.parse_and_eval("$pc")) & ((1 << 64) - 1) != entry:
+        gdb.events.stop.disconnect(_kill_qemu_after_entry)
+        os.kill(_pid, signal.SIGKILL)
+gdb.events.stop.connect(_kill_qemu_after_entry)
+"""
+
+
+def test_qemu_dying_mid_session_keeps_the_stops_reached(fresh, tmp_path):
+    """QEMU killed (by its pid) at the first stop after the entry: one line says QEMU is
+    gone, and the result keeps the entry's stop instead of being dropped."""
+    hook = tmp_path / "kill_after_entry.py"
+    hook.write_text(KILL_AFTER_ENTRY.format(pid=fresh.lab.pid))
+    fresh.gdb.execute(f"source {hook}")
+    reply = fresh.run(f"xen-mb2-break --batch --json --timeout {WAIT_S}")
+    assert reply.error is not None and "\n" not in reply.error
+    assert "QEMU is gone" in reply.error, reply.error
+    result = reply.json()
+    assert result is not None and result["stops"], result
+    assert result["reached"][0] == ENTRY
+    assert "QEMU is gone" in result["error"]
+    assert fresh.lab.alive() is False

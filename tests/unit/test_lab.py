@@ -379,3 +379,32 @@ def test_cli_port_taken(tmp_path, capsys, listener):
     port = listener.getsockname()[1]
     assert L.main(["--xen", str(mb2_image(tmp_path / "xen")), "--port", str(port)]) == 2
     assert f"port {port} on 127.0.0.1 is already in use" in capsys.readouterr().err
+
+
+def test_new_runs_keep_only_the_last_few_and_never_a_live_one(tmp_path):
+    import json as _json
+    import os as _os
+    import subprocess as _subprocess
+    from gdbext.host import lab as _lab
+    dead = _subprocess.Popen(["true"])
+    dead.wait()
+    live = _subprocess.Popen(["sleep", "60"])
+    try:
+        old = []
+        for i in range(8):
+            d = tmp_path / f"{_lab.WORKDIR_PREFIX}20200101-0000{i:02d}-{dead.pid}"
+            d.mkdir()
+            (d / _lab.LAB_INFO_NAME).write_text(_json.dumps({"pid": dead.pid}))
+            _os.utime(d, (1_000_000 + i, 1_000_000 + i))
+            old.append(d)
+        # The oldest run's QEMU still runs: it stays whatever its age.
+        (old[0] / _lab.LAB_INFO_NAME).write_text(_json.dumps({"pid": live.pid}))
+        runs = [_lab._new_workdir(tmp_path) for _ in range(3)]
+        left = sorted(p for p in tmp_path.iterdir() if p.name.startswith(_lab.WORKDIR_PREFIX))
+        assert set(runs) <= set(left)
+        assert old[0] in left
+        assert len(left) == _lab.KEEP_RUNS + 1
+        assert set(left) == set(runs) | {old[0], old[7], old[6]}
+    finally:
+        live.kill()
+        live.wait()

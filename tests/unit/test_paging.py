@@ -1376,5 +1376,11 @@ def test_property_windows(data, mode):
     for n in en.notes:
         span = 1 << level_shift(mode_obj, n.level)
         assert n.va < hi and n.va + span > lo, (n, hex(lo), hex(hi))
-    assert ({(n.kind, n.level, n.entry_pa, n.entry) for n in en.notes}
+    # A cycle is a back-edge of the path the walk took: where the full walk met the same
+    # table first by another path and reused its subtree, it notes the cycle nowhere,
+    # but the table holding the entry is still one it read (an open question: see the
+    # closing note of issues 14/16). Every other note is exactly one of the full walk's.
+    assert ({(n.kind, n.level, n.entry_pa, n.entry) for n in en.notes if n.kind != "cycle"}
             <= {(n.kind, n.level, n.entry_pa, n.entry) for n in full.notes})
+    full_pages = {pa for pa, _level in full.tables}
+    assert all(n.entry_pa & ~0xFFF in full_pages for n in en.notes if n.kind == "cycle")

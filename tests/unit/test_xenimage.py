@@ -271,3 +271,21 @@ def test_plausible_base(xen):
     assert not xenimage.plausible_base(syms, B + 0x1000)   # not aligned as the tag says
     assert not xenimage.plausible_base(syms, -align)
     assert not xenimage.plausible_base(syms, 1 << x86.MAXPHYADDR_ARCH)
+
+
+def test_user_base_must_be_a_plausible_pa_below_maxphyaddr_and_in_ram(xen):
+    syms = xen.syms
+    align = xenimage.base_align(syms)
+    size = syms.offset(syms.image_end)
+    ram = [(0, 1 << 30)]
+    assert xenimage.user_base_problem(syms, B, 40, ram) is None
+    for bad in (-1, 0, B + 1, 1 << 64, (1 << 64) - align):
+        assert "not a plausible load base" in xenimage.user_base_problem(syms, bad)
+    # Aligned and below 2^52, but the image would end above a 40-bit MAXPHYADDR ...
+    high = 0x1000_0000_0000
+    assert "MAXPHYADDR" in xenimage.user_base_problem(syms, (1 << 40) - align, 40)
+    # ... or outside the guest's RAM (QEMU's memory map).
+    assert "RAM" in xenimage.user_base_problem(syms, high, 52, ram)
+    # An image that starts in RAM but runs past its end.
+    last = ((1 << 30) - size) // align * align + align
+    assert "RAM" in xenimage.user_base_problem(syms, last, 52, ram)

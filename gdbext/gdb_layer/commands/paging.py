@@ -17,7 +17,7 @@ from ...core import paging, x86
 from ...core.walknames import Situation, judge_raw, situation_namer, verdict_text
 from ..addresses import PA_SYNTAX_HELP, SYNTAX_HELP, parse_address
 from ..command import (CommandParser, XenCommand, add_json_option, add_root_options, emit,
-                       parse_int)
+                       parse_count)
 from ..context import RootChoice
 from ..drawing import write_diagram
 from ..reports import RangeFilter, pa2va_report, ranges_report, walk_report
@@ -90,8 +90,9 @@ class PtCommand(XenCommand):
         p.add_argument("--user", action="store_true", help="only user-accessible ranges")
         p.add_argument("--levels", action="store_true",
                        help="show the tree, table by table, instead of ranges")
-        p.add_argument("--limit", type=parse_int, default=0, metavar="N",
-                       help="show at most N ranges (0: all)")
+        p.add_argument("--limit", type=parse_count, default=0, metavar="N",
+                       help="show at most N ranges, N notes (with --levels: N lines); the "
+                            "enumeration stops there (0: all, up to gdbext's cap on work)")
         p.add_argument("--no-follow-cycles", action="store_true",
                        help="do not descend through entries that point back to a table above "
                             "(e.g. Xen's linear page-table slot 258)")
@@ -123,7 +124,7 @@ class PtCommand(XenCommand):
                 hi_va = parse_address(self.ctx, hi, "range end") if hi is not None else None
                 loaded, xen_note = self.ctx.loaded_or_note()
                 text = tree_text(sit, sit.mem, lo_va, hi_va, situation_namer(sit, loaded),
-                                 loaded)
+                                 loaded, args.limit)
             emit(text + (f"\n({xen_note})" if xen_note else ""), from_tty)
             return
         report = ranges_report(self.ctx, choice, lo, hi,
@@ -136,13 +137,15 @@ class PtCommand(XenCommand):
 
 
 def tree_text(sit: Situation, cache, lo: Optional[int], hi: Optional[int], namer=None,
-              loaded=None) -> str:
+              loaded=None, limit: int = 0) -> str:
     def note(entry_pa: int, raw: int) -> Optional[str]:
         v = judge_raw(loaded, entry_pa, raw, sit)
         return verdict_text(v) if v is not None else None
 
     rows = paging.tree_rows(sit.ctx, cache, sit.root, lo, hi, namer=namer,
-                            entry_note=note if loaded is not None else None)
+                            entry_note=note if loaded is not None else None,
+                            max_rows=min(limit, paging.MAX_TREE_ROWS) if limit
+                            else paging.MAX_TREE_ROWS)
     return "\n".join(rows)
 
 
