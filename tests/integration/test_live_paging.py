@@ -194,7 +194,7 @@ def test_bad_input_gives_one_line_and_restores_phys_mode(at_entry):
         "xen-va2pa 0x0000800000000000": "non-canonical",
         "xen-pt --range 0x2000 0x1000": "end must be above the start",
         "xen-va2pa": "required",
-        "xen-va2pa nosuchsymbol_xyz": "cannot evaluate",
+        "xen-va2pa nosuchsymbol_xyz": "no symbol 'nosuchsymbol_xyz'",   # not GDB's misleading words
         "xen-pt --bogus": "unrecognized arguments",
         "xen-pt --root 0x10000000000000": "physical address",
     }
