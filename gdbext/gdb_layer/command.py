@@ -163,6 +163,14 @@ class XenCommand(gdb.Command):
     def make_parser(self) -> CommandParser:
         raise NotImplementedError
 
+    def print_report(self, report, as_json: bool, from_tty: bool) -> None:
+        """A report object (``as_dict()`` and ``text()``): as JSON, or as text fitted
+        to the terminal."""
+        if as_json:
+            self.write_json(report.as_dict())
+        else:
+            emit(report.text(), from_tty)
+
     def write_json(self, obj) -> None:
         """One line of JSON on GDB's stdout (a dict, or text a renderer made)."""
         self._wrote_json = True

@@ -130,10 +130,7 @@ class PtCommand(XenCommand):
         report = ranges_report(self.ctx, choice, lo, hi,
                                RangeFilter(args.writable, args.exec, args.wx, args.user),
                                args.limit, follow_cycles=not args.no_follow_cycles)
-        if args.json:
-            self.write_json(report.as_dict())
-        else:
-            emit(report.text(), from_tty)
+        self.print_report(report, args.json, from_tty)
 
 
 def tree_text(sit: Situation, cache, lo: Optional[int], hi: Optional[int], namer=None,
@@ -174,10 +171,7 @@ class Va2paCommand(XenCommand):
     def run(self, args, from_tty):
         report = walk_report(self.ctx, " ".join(args.address),
                              RootChoice(args.root, args.mode))
-        if args.json:
-            self.write_json(report.as_dict())
-        else:
-            emit(report.text(), from_tty)
+        self.print_report(report, args.json, from_tty)
 
 
 class Pa2vaCommand(XenCommand):
@@ -198,10 +192,7 @@ class Pa2vaCommand(XenCommand):
     def run(self, args, from_tty):
         report = pa2va_report(self.ctx, " ".join(args.address),
                               RootChoice(args.root, args.mode))
-        if args.json:
-            self.write_json(report.as_dict())
-        else:
-            emit(report.text(), from_tty)
+        self.print_report(report, args.json, from_tty)
 
 
 def install(ctx) -> None:
