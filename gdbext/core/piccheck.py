@@ -184,6 +184,9 @@ class PicReport:
         c = collections.Counter(f.kind for f in self.findings)
         return {k: c.get(k, 0) for k in KINDS}
 
+    def text(self) -> str:
+        return render_text(self)
+
     def function(self, name: str) -> Optional[FunctionSummary]:
         for f in self.functions:
             if f.name == name or f.name.split("#")[-1] == name:
@@ -294,7 +297,7 @@ def pe_static_pointers(syms, efi_path: Union[str, Path],
     if map_path is None:
         raise GdbextError(f"{efi_path}: no {efi_path.name}.map found beside it or xen-syms; "
                           "xen.efi is laid out differently from xen-syms and its map is needed "
-                          "to place the relocations (pass --xen-efi-map)")
+                          "to place the relocations (pass --efi-map)")
     from .xensyms import load_map
     emap = load_map(map_path)
     from .xensyms import SHF_EXECINSTR
@@ -712,6 +715,10 @@ def check(syms, functions: Optional[Sequence[str]] = None,
     entries = list(functions) if functions else [ENTRY]
     for name in entries:
         resolve_function(syms, name)
+    for path in (efi, efi_map):
+        if path is not None and not Path(path).is_file():
+            raise GdbextError(f"{path}: no such file (give xen.efi of the same build as "
+                              f"{Path(syms.path).name}, and its .map)")
     key = _cache_key(syms, entries, efi, efi_map, upper_half_mapped)
     cf = _cache_path(syms, key) if cache else None
     if cf is not None:
@@ -760,13 +767,20 @@ def resolve_function(syms, name: str) -> str:
     except AmbiguousSymbolError:
         raise
     except GdbextError:
-        names = sorted({s.name for s in syms if s.type in "TtWw"})
-        near = difflib.get_close_matches(name, names, n=4, cutoff=0.6)
+        near = difflib.get_close_matches(name, function_names(syms), n=4, cutoff=0.6)
         hint = f"; nearest: {', '.join(near)}" if near else ""
         raise GdbextError(f"no function {name!r} in {syms.path.name}{hint}") from None
-    if sym.type not in "TtWw":
+    if sym.type not in CODE_TYPES:
         raise GdbextError(f"{name!r} in {syms.path.name} is not code (nm type {sym.type})")
     return sym.qualname
+
+
+CODE_TYPES = "TtWw"   # nm's letters for code (a W symbol in .text is a weak function)
+
+
+def function_names(syms) -> List[str]:
+    """The names xen-pic-check accepts (and TAB offers): the image's code symbols."""
+    return sorted({s.name for s in syms if s.type in CODE_TYPES})
 
 
 def findings_for_call(syms, callee: str = EFI_MB2, entry: str = ENTRY,
@@ -820,25 +834,41 @@ class _HelpShown(Exception):
     pass
 
 
+SUMMARY = ("Which instructions of the code Xen runs at its load address (multiboot2+EFI) "
+           "need linked VAs: absolute addresses, static pointers, pointer tables, jump tables.")
+DESCRIPTION = (SUMMARY + " Offline: decodes xen-syms' own bytes (no target needed) from "
+               f"{ENTRY} (or the FUNCTIONs given) through every function reached by direct "
+               "calls and jumps; indirect calls and jumps are listed with their site as edges "
+               "not followed. Each finding names the function and offset, the instruction, the "
+               "object and index, the linked VA it holds and whose it is, the call chain from "
+               "the entry, and the verdict under the firmware's tables (the upper half is not "
+               "mapped at the load address). The result is cached per build-id.")
+EPILOG = (f"Examples: {PROG}; {PROG} PrintErrMesg; {PROG} --json; "
+          f"{PROG} --efi xen.efi (static pointers from xen.efi's base relocations)")
+
+
 def arg_parser(prog: str = PROG, with_syms: bool = False) -> argparse.ArgumentParser:
     """The command's options; ``with_syms`` adds --xen-syms (the offline form: in GDB
     the loaded xen-syms is used)."""
-    p = _ArgParser(prog=prog, description="Which instructions of the code Xen runs at its "
-                   "load address (multiboot2+EFI) need linked VAs: absolute addresses, static "
-                   "pointers, pointer tables, jump tables.")
+    p = _ArgParser(prog=prog, description=DESCRIPTION, epilog=EPILOG)
+    add_options(p, with_syms)
+    return p
+
+
+def add_options(p: argparse.ArgumentParser, with_syms: bool = False) -> None:
+    """The options on ``p`` (the CLI's parser, or the GDB command's CommandParser)."""
     p.add_argument("functions", nargs="*", metavar="FUNCTION",
                    help=f"start from these functions (default: {ENTRY})")
     if with_syms:
         p.add_argument("--xen-syms", metavar="FILE", help="xen-syms ELF (default: Debian's 4.17)")
-    p.add_argument("--xen-efi", metavar="FILE",
+    p.add_argument("--efi", "--xen-efi", dest="xen_efi", metavar="XEN_EFI",
                    help="xen.efi of the same build: take the static pointers from its base "
                         "relocation table")
-    p.add_argument("--xen-efi-map", metavar="FILE",
-                   help="xen.efi's .map (default: FILE.map beside xen.efi or xen-syms)")
+    p.add_argument("--efi-map", "--xen-efi-map", dest="xen_efi_map", metavar="MAP",
+                   help="xen.efi's .map (default: XEN_EFI.map beside xen.efi or xen-syms)")
     p.add_argument("--json", action="store_true", help="the whole result as JSON")
     p.add_argument("--no-cache", action="store_true",
                    help="recompute (the result is cached per build-id)")
-    return p
 
 
 def parse_args(argv: Sequence[str], prog: str = PROG, with_syms: bool = False):
@@ -854,11 +884,17 @@ def help_text(prog: str = PROG, with_syms: bool = False) -> str:
     return arg_parser(prog, with_syms).format_help()
 
 
+def check_for_args(syms, args) -> PicReport:
+    """The check the parsed ``args`` ask for on ``syms`` (the GDB command prints it
+    its own way).  Bad input raises GdbextError (one line)."""
+    return check(syms, args.functions or None, efi=args.xen_efi, efi_map=args.xen_efi_map,
+                 cache=not args.no_cache)
+
+
 def run_command(syms, args) -> Tuple[str, PicReport, int]:
     """(what to print, the report, exit status) for parsed ``args`` on ``syms``:
     0 no finding, 1 findings.  Bad input raises GdbextError (one line)."""
-    report = check(syms, args.functions or None, efi=args.xen_efi,
-                   efi_map=args.xen_efi_map, cache=not args.no_cache)
+    report = check_for_args(syms, args)
     text = json.dumps(report.as_dict(), indent=1) if args.json else render_text(report)
     return text, report, EXIT_FINDINGS if report.findings else EXIT_CLEAN
 
