@@ -10,7 +10,6 @@ tables, an indirect call, and position-independent code that gives no finding.
 
 import json
 import re
-import struct
 import subprocess
 
 import pytest
@@ -22,6 +21,8 @@ from gdbext.core.piccheck import ABSOLUTE, JUMP_TABLE, READS_POINTER, TAKES_ADDR
 from gdbext.core.xensyms import load_xen_syms
 from gdbext.host import pic_check
 
+from ..oracles import elf_qwords, message_table, nm_table, objdump
+
 SYMS = paths.XEN_DEBIAN_SYMS
 EFI = paths.XEN_DEBIAN_EFI
 
@@ -30,44 +31,6 @@ EFI = paths.XEN_DEBIAN_EFI
 def _own_cache(tmp_path, monkeypatch):
     """Each test caches into its own directory (no result from another run is reused)."""
     monkeypatch.setattr(paths, "CACHE_DIR", tmp_path / "cache")
-
-
-# -- oracles -------------------------------------------------------------------------------
-
-
-def nm_table(path):
-    """name -> (value, size, type) from nm -S (plain names; first wins)."""
-    out = subprocess.run(["nm", "-S", str(path)], capture_output=True, text=True,
-                         check=True).stdout
-    table = {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 4:
-            table.setdefault(parts[3], (int(parts[0], 16), int(parts[1], 16), parts[2]))
-        elif len(parts) == 3:
-            table.setdefault(parts[2], (int(parts[0], 16), 0, parts[1]))
-    return table
-
-
-def objdump(path, start, stop):
-    out = subprocess.run(["objdump", "-d", "-w", "--no-show-raw-insn",
-                          f"--start-address={start:#x}", f"--stop-address={stop:#x}", str(path)],
-                         capture_output=True, text=True, check=True).stdout
-    return [(int(m.group(1), 16), m.group(2).strip()) for m in
-            (re.match(r"^\s*([0-9a-f]+):\s+(.*)$", line) for line in out.splitlines()) if m]
-
-
-def elf_qwords(path, va, size):
-    """The link-time qwords at [va, va+size) read from the ELF's section with pyelftools."""
-    from elftools.elf.elffile import ELFFile
-    with open(path, "rb") as f:
-        elf = ELFFile(f)
-        for sec in elf.iter_sections():
-            if sec["sh_addr"] <= va < sec["sh_addr"] + sec["sh_size"] and sec["sh_type"] == \
-                    "SHT_PROGBITS":
-                data = sec.data()[va - sec["sh_addr"]:va - sec["sh_addr"] + size]
-                return list(struct.unpack(f"<{size // 8}Q", data))
-    raise AssertionError(f"{va:#x} in no section of {path}")
 
 
 # -- Debian 4.17: PrintErrMesg and ErrCodeToStr ---------------------------------------------
@@ -86,13 +49,7 @@ def debian():
 @pytest.fixture(scope="module")
 def table(nm):
     """ErrCodeToStr.N: (name, VA, [(index, value)] of its linked-VA entries)."""
-    names = [n for n in nm if re.fullmatch(r"ErrCodeToStr(\.\d+)?", n)]
-    assert len(names) == 1, names
-    va, size, typ = nm[names[0]]
-    assert typ in "dDrR" and size
-    lo, hi = nm["__image_base__"][0], nm["_end"][0]
-    vals = elf_qwords(SYMS, va, size)
-    return names[0], va, [(i, v) for i, v in enumerate(vals) if lo <= v < hi]
+    return message_table(SYMS, nm)
 
 
 def test_the_table_holds_linked_vas(table):
