@@ -95,3 +95,15 @@ def message_table(path, nm=None) -> Tuple[str, int, List[Tuple[int, int]]]:
     lo, hi = nm["__image_base__"][0], nm["_end"][0]
     vals = elf_qwords(path, va, size)
     return names[0], va, [(i, v) for i, v in enumerate(vals) if lo <= v < hi]
+
+
+def table_read_sites(path, nm, function: str, table: str) -> Tuple[int, int, str]:
+    """In ``function`` as objdump decodes it: (the ``lea <table>(%rip),%REG``'s address,
+    the address and text of the first load indexed from %REG after it)."""
+    start, size, _ = nm[function]
+    rows = objdump(path, start, start + size)
+    k, (lea_va, lea_text) = next((k, r) for k, r in enumerate(rows)
+                                 if r[1].startswith("lea") and f"<{table}>" in r[1])
+    reg = re.search(r",%(\w+)", lea_text.split("#")[0]).group(1)
+    read_va, read_text = next(r for r in rows[k + 1:] if f"(%{reg}," in r[1])
+    return lea_va, read_va, read_text
