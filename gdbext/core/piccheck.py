@@ -797,14 +797,15 @@ def function_names(syms) -> List[str]:
 def findings_for_call(syms, callee: str = EFI_MB2, entry: str = ENTRY,
                       efi: Union[str, Path, None] = None,
                       upper_half_mapped: bool = False) -> List[Finding]:
-    """For l4merge's I13: the findings in the code that the entry's call of ``callee``
-    runs (``callee`` and everything it reaches), with call chains from ``entry``.
+    """For l4merge's I13: the findings on the path from ``entry`` to its call of
+    ``callee`` and in the code that call runs: the entry function's own instructions,
+    ``callee`` and everything it reaches, with call chains from ``entry``.
 
     ``upper_half_mapped``: the call runs under the RFC's merged L4 (the verdicts then
     say the code works only while that mapping lasts).  Both checks are cached."""
     report = check(syms, [entry], efi=efi, upper_half_mapped=upper_half_mapped)
     inside = check(syms, [callee], efi=efi, upper_half_mapped=upper_half_mapped)
-    reach = {f.name for f in inside.functions}
+    reach = {f.name for f in inside.functions} | {report.functions[0].name}
     return [f for f in report.findings if f.function in reach]
 
 
