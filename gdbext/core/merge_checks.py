@@ -826,7 +826,12 @@ def check_pointer_provenance(inp: CheckInputs) -> CheckResult:
     low = {r: v for r, v in regs.items() if inp.xen.in_image(v)}
     high = {r: v for r, v in regs.items() if inp.syms.in_image(v)}
     static = _static_findings(inp)
-    ev: Dict[str, object] = {"load_address": low, "linked": high, **static}
+    ev: Dict[str, object] = {"load_address": low, "linked": high,
+                             **{k: v for k, v in static.items() if k != "tables_name"}}
+    # The texts are in the summary; the evidence keeps the facts.
+    if "findings" in ev:
+        ev["findings"] = [{k: v for k, v in f.items() if k != "text"}
+                          for f in ev["findings"]]
     problems = []
     if low and high:
         problems.append("pointers into Xen at the load address ("
@@ -917,8 +922,9 @@ def _finding_evidence(f, vas: List[int], wrong, tables_name: str) -> Dict[str, o
     return {"kind": f.kind, "where": f.where, "instruction": f.instruction,
             "object": f.object, "index": f.index, "value": f.value,
             "value_symbol": f.value_symbol, "linked_vas": vas, "chain": list(f.chain),
-            "mapped_at_load": not wrong,
-            "unmapped": [{"va": va, "pa": w.pa, "fault": w.fault} for va, w in wrong],
+            "mapped_at_load": not wrong, "unmapped_count": len(wrong),
+            "first_unmapped": ({"va": wrong[0][0], "pa": wrong[0][1].pa,
+                                "fault": wrong[0][1].fault} if wrong else None),
             "text": text}
 
 
