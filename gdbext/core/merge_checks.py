@@ -883,13 +883,16 @@ def _static_findings(inp: CheckInputs) -> Dict[str, object]:
     out = []
     for f in found:
         vas = sorted({v for _, v, _ in f.values} | ({f.value} if f.value is not None else set()))
-        wrong = []
+        wrong = []      # (va, the PA it reaches or None, why not)
         for va in vas:
-            w = inp.walk(root, va)
-            expected = inp.xen.pa(va)
-            if w.pa != expected:
-                wrong.append((va, w))
-        out.append(_finding_evidence(f, vas, wrong, tables_name))
+            try:
+                w = inp.walk(root, va)
+            except MemoryReadError as err:   # a table the upper half points to is not RAM
+                wrong.append((va, None, f"unreadable table: {err}"))
+                continue
+            if w.pa != inp.state.load_base + inp.syms.offset(va):
+                wrong.append((va, w.pa, w.fault))
+        out.append(_finding_evidence(f, vas, wrong))
     return {"tables": root, "tables_name": tables_name, "findings": out,
             "upper_half_at_load": all(f["mapped_at_load"] for f in out)}
 
@@ -898,7 +901,7 @@ _VERBS = {piccheck.READS_POINTER: "reads", piccheck.TAKES_ADDRESS: "takes the ad
           piccheck.JUMP_TABLE: "jumps through", piccheck.ABSOLUTE: "uses"}
 
 
-def _finding_evidence(f, vas: List[int], wrong, tables_name: str) -> Dict[str, object]:
+def _finding_evidence(f, vas: List[int], wrong) -> Dict[str, object]:
     """One finding for I13's evidence, and its text: function+offset, what it does to
     which object[index], the linked VA and whose it is, and the first VA not mapped at
     the load address under the tables checked."""
@@ -914,17 +917,16 @@ def _finding_evidence(f, vas: List[int], wrong, tables_name: str) -> Dict[str, o
             what = f"{obj}[{f.index}] = {what}"
     text = f"{where} {_VERBS[f.kind]} {what}"
     if wrong:
-        va, w = wrong[0]
-        how = (f"not mapped ({w.fault})" if w.pa is None
-               else f"mapped at {w.pa:#x}, not at B + offset")
+        va, pa, fault = wrong[0]
+        how = f"not mapped ({fault})" if pa is None else f"mapped at {pa:#x}, not at B + offset"
         text += f": {va:#x} {how}" + (f", {len(wrong) - 1} more not at the load address"
                                       if len(wrong) > 1 else "")
     return {"kind": f.kind, "where": f.where, "instruction": f.instruction,
             "object": f.object, "index": f.index, "value": f.value,
             "value_symbol": f.value_symbol, "linked_vas": vas, "chain": list(f.chain),
             "mapped_at_load": not wrong, "unmapped_count": len(wrong),
-            "first_unmapped": ({"va": wrong[0][0], "pa": wrong[0][1].pa,
-                                "fault": wrong[0][1].fault} if wrong else None),
+            "first_unmapped": (dict(zip(("va", "pa", "fault"), wrong[0])) if wrong
+                               else None),
             "text": text}
 
 

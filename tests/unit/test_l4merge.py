@@ -29,7 +29,7 @@ from gdbext.core.xensyms import load_xen_syms
 
 from ..oracles import message_table, nm_table, table_read_sites
 from .merge_builders import (A, CR0_PE, CR0_PG, CR4_LA57, CR4_PAE, EFER_LME, MBI_PA, NX, P,
-                             PAGE, PS, RW, SIZE_1G, SIZE_2M, STACK_TOP, SymsWith, build_mbi,
+                             PAGE, PS, RAM, RW, SIZE_1G, SIZE_2M, STACK_TOP, SymsWith, build_mbi,
                              entry_guest, trampoline_relocate, u64)
 
 SCRATCH = 0x0500_0000      # a page of firmware RAM for odd test bytes
@@ -762,6 +762,18 @@ def test_i13_warns_where_the_upper_half_is_not_at_the_load_address(syms, plain, 
         assert f["unmapped_count"] == len(set(printerr[1]))
         assert f"{f['first_unmapped']['va']:#x} not mapped" in r.summary
     assert r.evidence["tables"] == g.regs["cr3"] and "the firmware's L4" in r.summary
+
+
+def test_i13_upper_half_into_no_ram_is_not_at_the_load_address(syms, relocated, printerr):
+    """M's slot for Xen pointing at a table where there is no RAM: the walk cannot read
+    it, so the findings' VAs are not at the load address (a WARN, not a FAIL of I13)."""
+    g, pred = relocated
+    mem = SyntheticMemory(ram_size=RAM, base=pred.mem)
+    mem.write_u64(pred.root + 8 * xen_slot(syms), RAM | P | RW)
+    r = check(state_for(g, pred, mem=mem), "I13")
+    assert r.status == WARN
+    f = _i13_read(r, printerr)
+    assert f["first_unmapped"]["pa"] is None and "unreadable" in f["first_unmapped"]["fault"]
 
 
 def test_i13_with_a_symbol_map_keeps_the_register_check(syms, relocated):
