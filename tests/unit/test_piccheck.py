@@ -172,7 +172,8 @@ def test_the_real_printerr_crash_is_what_the_check_predicted(syms, debian, nm, t
     assert p.how == piccheck.AT_VALUE and p.value == cr2 and index in p.indices
     assert all(dict(entries)[i] == cr2 for i in p.indices)
     assert p.slot == f"{name}[{p.indices[0]}]"
-    assert p.others == [f"{TAKES_ADDRESS} at {p.finding.function}+{lea_va - nm['PrintErrMesg'][0]:#x}"]
+    lea_at = f"{p.finding.function}+{lea_va - nm['PrintErrMesg'][0]:#x}"
+    assert p.others == [f"{TAKES_ADDRESS} at {lea_at}"]
     assert f"{name}[{index}] = {cr2:#x}" in p.text() and "PrintErrMesg" in p.text()
     assert piccheck.finding_for_fault(debian.findings, cr2, rip, syms, base) == p.finding
     # The default check, cached per build-id, gives the same answer.
