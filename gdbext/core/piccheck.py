@@ -54,6 +54,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from . import x86decode
 from .errors import GdbextError
 from .stopnames import ENTRY, EFI_MB2
+from .x86 import PAGE_SIZE
 from .x86decode import IMM, MEM, REG, Instruction
 
 # -- finding kinds -----------------------------------------------------------------
@@ -824,7 +825,6 @@ _HOW_RANK = (AT_INSTRUCTION, AT_VALUE, IN_OBJECT, IN_PAGE)
 _KIND_RANK_DATA = (READS_POINTER, JUMP_TABLE, ABSOLUTE, TAKES_ADDRESS)
 _KIND_RANK_FETCH = (JUMP_TABLE, READS_POINTER, ABSOLUTE, TAKES_ADDRESS)
 _KIND_RANK_OBJECT = (ABSOLUTE, READS_POINTER, JUMP_TABLE, TAKES_ADDRESS)
-_PAGE = 4096
 
 
 @dataclass
@@ -904,7 +904,7 @@ def _match(syms, f: Finding, cr2: int, rip: Optional[int]):
         return bounds is not None and bounds[0] <= cr2 < bounds[1]
 
     for how, hit in ((AT_VALUE, lambda v: v == cr2), (IN_OBJECT, in_object),
-                     (IN_PAGE, lambda v: v // _PAGE == cr2 // _PAGE)):
+                     (IN_PAGE, lambda v: v // PAGE_SIZE == cr2 // PAGE_SIZE)):
         same = [(i, v) for i, v in held if hit(v)]
         if same:
             return how, [i for i, _ in same if i is not None], same[0][1]
