@@ -116,7 +116,9 @@ LAB_INFO_NAME = "lab.json"
 # Repository files the lab points users at.
 
 # Timing.
-START_TIMEOUT_S = 10.0  # QEMU start to gdbstub LISTEN (measured: < 0.1 s)
+# QEMU start to gdbstub LISTEN (measured: < 0.1 s). Generous: the wait ends as soon as the
+# stub listens, and a loaded machine may start QEMU slowly.
+START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 3.0  # SIGTERM to exit, then SIGKILL
 KILL_TIMEOUT_S = 2.0
 POLL_INTERVAL_S = 0.02
