@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import functions, settings
 from .command import XenPrefix
 from .commands import diagram, mb2_break, merge, paging, pic_check, walkthrough, xen
-from .context import CONTEXT
+from .context import CONTEXT, raise_remote_timeout
 
 COMMAND_MODULES = (paging, xen, merge, mb2_break, diagram, walkthrough, pic_check)
 
@@ -18,6 +18,7 @@ def install() -> bool:
     if _INSTALLED:
         return False
     XenPrefix()
+    raise_remote_timeout()
     settings.install(CONTEXT)
     for module in COMMAND_MODULES:
         module.install(CONTEXT)
