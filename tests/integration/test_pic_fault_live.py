@@ -1,5 +1,6 @@
-"""The static check against a real crash: a finding's pointer dereferenced at the load
-address is the fault the check predicted.
+"""The static check against the real boot: a finding's pointer dereferenced at the load
+address is the fault the check predicted; and I13 at efi_multiboot2 names linked VAs
+that QEMU says the firmware's tables do not map.
 
 On the real boot (OVMF, GRUB, Debian's 4.17 under QEMU), stopped at
 efi_console_set_mode (load address, efi_init has set StdErr), GDB calls boot.c's
@@ -86,3 +87,26 @@ def test_a_static_pointer_dereferenced_at_the_load_address_is_the_predicted_faul
         assert predicted.finding.address == read_va and predicted.how == piccheck.AT_VALUE
         assert index in predicted.indices and predicted.value == cr2
         assert predicted.slot == f"{name}[{predicted.indices[0]}]"
+
+
+def test_i13_at_efi_multiboot2_cites_what_qemu_says_is_unmapped(xen_syms_path):
+    """Stopped in efi_multiboot2 at its load address under the firmware's tables (no
+    merge on Debian's build): I13 WARNs citing PrintErrMesg's read of ErrCodeToStr, and
+    every linked VA it says is not at the load address, QEMU's gva2gpa finds unmapped."""
+    nm = nm_table(xen_syms_path)
+    name, _, entries = message_table(xen_syms_path, nm)
+    _, read_va, _ = table_read_sites(xen_syms_path, nm, "PrintErrMesg", name)
+    read_at = f"PrintErrMesg+{read_va - nm['PrintErrMesg'][0]:#x}"
+    with booted_to("efi_multiboot2", xen_syms_path) as stop:
+        cr3 = parse_info_registers(stop.monitor("info registers"))["cr3"]
+        d = stop.json("xen-l4merge-check --only I13 --json")
+        (i13,) = d["checks"]
+        assert i13["id"] == "I13" and i13["status"] == "WARN", i13
+        ev = i13["evidence"]
+        assert ev["tables"] == cr3 & ~0xFFF and ev["upper_half_at_load"] is False
+        (f,) = [f for f in ev["findings"] if f["where"].endswith("#" + read_at)]
+        assert f["linked_vas"] == sorted({v for _, v in entries})
+        assert f["unmapped_count"] == len(f["linked_vas"])
+        for va in f["linked_vas"]:
+            assert parse_gva2gpa(stop.monitor(f"gva2gpa {va:#x}")) is None, hex(va)
+        assert f"{read_at} reads {name}[reg]" in i13["summary"]
