@@ -138,6 +138,38 @@ def find_call_rel32(code: bytes, va: int, target: int) -> Optional[int]:
     return None
 
 
+def direct_call_targets(code: bytes, va: int, is_function: Callable[[int], bool]) -> List[int]:
+    """Targets of the direct calls in ``code`` (64-bit, at ``va``) that ``is_function``
+    accepts (a function symbol's start), in code order, each once."""
+    out: List[int] = []
+    for insn in x86decode.iter_decode(code, va, 64):
+        tgt = insn.branch_target
+        if insn.is_call and tgt is not None and tgt not in out and is_function(tgt):
+            out.append(tgt)
+    return out
+
+
+def find_call_via(syms, code: bytes, va: int, target: int) -> Optional[Tuple[int, Optional[str]]]:
+    """Where ``target`` is called from the code at ``va``: (call VA, None) for a direct
+    call, else (call VA inside the callee, callee's name) for a function the code calls
+    that itself calls ``target`` (Xen 4.20's entry calls the C efi_multiboot2_prelude,
+    which calls efi_multiboot2); None when neither is found."""
+    direct = find_call_rel32(code, va, target)
+    if direct is not None:
+        return direct, None
+
+    def sized_function(tgt: int) -> bool:
+        hit = syms.symbol_at(tgt)
+        return hit is not None and hit[1] == 0 and (syms.lookup(hit[0]).size or 0) > 0
+
+    for callee_va in direct_call_targets(code, va, sized_function):
+        callee = syms.lookup(syms.symbol_at(callee_va)[0])
+        inner = find_call_rel32(syms.read_linked(callee_va, callee.size), callee_va, target)
+        if inner is not None:
+            return inner, callee.name
+    return None
+
+
 # A loop's backward jump lands at most this far before the instruction that
 # identifies the loop (its set-up, or a store in its body).
 _LOOP_REACH = 32
@@ -407,12 +439,19 @@ class _PlanBuilder:
         else:
             self.notes.append(f"no RFC merge in {ENTRY} (no mov %cr3,%rsi / mov %rax,%cr3 / "
                               "call *%rax): this build calls efi_multiboot2 at its load address")
-            call_va = find_call_rel32(entry_code, entry_va, efi_va)
+            site = find_call_via(syms, entry_code, entry_va, efi_va)
+            call_va = site[0] if site is not None else None
             call_len = _next_insn(syms, call_va, 64) - call_va if call_va is not None else 0
-            if call_va is None:
-                self.notes.append(f"no call of efi_multiboot2 found in {ENTRY}")
-            else:
+            if site is None:
+                self.notes.append(f"no call of efi_multiboot2 found in {ENTRY} nor in a "
+                                  "function it calls")
+            elif site[1] is None:
                 self.add(CALL, LOAD, call_va, "the call of efi_multiboot2 (at its load address)")
+            else:
+                self.notes.append(f"{ENTRY} calls {site[1]}, which calls efi_multiboot2: the "
+                                  f"call and return stops are inside {site[1]}")
+                self.add(CALL, LOAD, call_va, f"the call of efi_multiboot2 in {site[1]}, "
+                         f"called by {ENTRY} (at its load address)")
             self.add(EFI_MB2, LOAD, efi_va,
                      "efi_multiboot2 at its load address, firmware's tables")
         if call_va is not None:

@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from . import x86
 from .errors import GdbextError, MemoryReadError
 from .multiboot2 import MB2_HEADER_MAGIC, MBI_TAG_LOAD_BASE_ADDR, is_header, mbi_tags
+from .xenefi import codeview_build_id
 from .xensyms import XEN_PHYS_START_SYMBOL
 
 RELOCATED = "relocated"
@@ -235,7 +236,9 @@ def build_id_in_memory(mem, syms, load_base: int) -> Optional[bytes]:
     if span is None:
         return None
     va, size = span
-    return parse_build_id_note(mem.read_phys(load_base + syms.offset(va), size))
+    raw = mem.read_phys(load_base + syms.offset(va), size)
+    # xen.efi keeps its build-id as a PE CodeView record in the same span (core/xenefi).
+    return parse_build_id_note(raw) or codeview_build_id(raw)
 
 
 @dataclass(frozen=True)

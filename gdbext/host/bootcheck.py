@@ -100,11 +100,14 @@ def make_parser() -> argparse.ArgumentParser:
         "a JSON report and JUnit XML for CI.",
         epilog="Exit status: 0 all checks passed, 1 a check failed, 2 the run could not be done.")
     target = p.add_argument_group("what to boot or attach to")
+    target.add_argument("--build", choices=sorted(paths.BUILDS),
+                        help=f"boot this Debian build and check it with its xen-syms "
+                             f"(default {paths.DEFAULT_BUILD})")
     target.add_argument("--xen", type=Path, metavar="IMAGE",
                         help="the multiboot2 Xen image GRUB boots (xen.gz or the ELF32 xen); "
                              "default Debian's 4.17 when booting the lab")
     target.add_argument("--xen-syms", type=Path, metavar="FILE",
-                        help="xen-syms of that image (default Debian's 4.17)")
+                        help="xen-syms of that image (default: the build's)")
     target.add_argument("--connect", type=parse_connect, metavar="HOST:PORT",
                         help="attach to a QEMU you started with -gdb tcp:HOST:PORT -S instead "
                              "of booting the lab (HOST defaults to 127.0.0.1)")
@@ -149,12 +152,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--assume-relocated qualifies --predict: give both")
     if args.memory < 64:
         p.error(f"-m {args.memory}: Xen needs at least 64 MiB")
+    try:
+        image, args.xen_syms = paths.image_and_syms(args.build, args.xen, args.xen_syms)
+    except ValueError as e:
+        p.error(str(e))
     if args.xen_syms is None:
-        if args.xen is not None:
-            p.error("--xen needs the matching --xen-syms (Debian's would not match your image)")
-        args.xen_syms = paths.XEN_DEBIAN_SYMS
+        p.error("--xen needs the matching --xen-syms (Debian's would not match your image)")
     if args.xen is None and args.connect is None:
-        args.xen = paths.XEN_DEBIAN_IMAGE
+        args.xen = image
     return args
 
 

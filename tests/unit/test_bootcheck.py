@@ -192,3 +192,42 @@ def test_verdict_lines():
     assert "  FAIL I4 at __efi64_mb2_start: unrelocated" in bootcheck.summary_lines(report)
 
 
+
+
+# ---------------------------------------------------------------- builds
+
+
+@pytest.mark.parametrize("name", sorted(paths.BUILDS))
+def test_build_names_its_image_and_syms(name):
+    build = paths.BUILDS[name]
+    args = bootcheck.parse_args(["--build", name])
+    assert (args.xen, args.xen_syms) == (build.image, build.syms)
+    assert bootcheck.static_build_id_check(build.image, build.syms)["match"] is True
+
+
+def test_build_and_xen_together_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bootcheck.parse_args(["--build", "4.20", "--xen", str(paths.XEN_DEBIAN_IMAGE)])
+    assert exc.value.code == 2 and "both name the image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("image_build,syms_build",
+                         [(a, b) for a in sorted(paths.BUILDS) for b in sorted(paths.BUILDS) if a != b])
+def test_another_builds_syms_exit_2_before_booting(tmp_path, image_build, syms_build):
+    """4.20's xen-syms with 4.17's image (and the other way round): refused on the build-id
+    notes of the two files, before any QEMU is started."""
+    image, syms = paths.BUILDS[image_build].image, paths.BUILDS[syms_build].syms
+    for f in (image, syms):
+        if not f.is_file():
+            pytest.fail(f"{f} is missing: run scripts/setup", pytrace=False)
+    report = tmp_path / "r.json"
+    proc = run_script("--xen", str(image), "--xen-syms", str(syms), "--report", str(report))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "build-id mismatch" in lines[0]
+    assert readelf_build_id(syms) in lines[0]
+    assert readelf_build_id(paths.BUILDS[syms_build].syms) != readelf_build_id(
+        paths.BUILDS[image_build].syms)
+    assert readelf_build_id(paths.BUILDS[image_build].syms) in lines[0]
+    data = json.loads(report.read_text())
+    assert data["exit_status"] == 2 and data["lab"] is None  # no QEMU was started

@@ -165,11 +165,24 @@ def test_missing_user_image_is_one_clear_line(tmp_path):
     assert str(tmp_path / "nope.gz") in msg and "does not exist" in msg
 
 
-def test_missing_debian_image_says_run_setup(tmp_path, monkeypatch):
-    default = tmp_path / "cache" / "xen-4.17-amd64.gz"
-    monkeypatch.setattr(L.paths, "XEN_DEBIAN_IMAGE", default)
-    with pytest.raises(L.LabError, match=r"is missing: run scripts/setup"):
-        L.validate_config(L.LabConfig(xen_image=default, xen_syms=None))
+@pytest.mark.parametrize("name", sorted(L.paths.BUILDS))
+def test_missing_debian_image_says_run_setup(tmp_path, monkeypatch, name):
+    build = L.paths.BUILDS[name]
+    gone = build._replace(image=tmp_path / "cache" / build.image.name)
+    monkeypatch.setitem(L.paths.BUILDS, name, gone)
+    with pytest.raises(L.LabError, match=rf"is missing: run scripts/setup .*{build.packages[0]}\)"):
+        L.validate_config(L.LabConfig(xen_image=gone.image, xen_syms=None))
+
+
+@pytest.mark.parametrize("name", sorted(L.paths.BUILDS))
+def test_build_names_image_and_syms(name):
+    build = L.paths.BUILDS[name]
+    assert L.paths.image_and_syms(name, None, None) == (build.image, build.syms)
+    assert L.paths.image_and_syms(None, None, None) == (
+        L.paths.BUILDS[L.paths.DEFAULT_BUILD].image, L.paths.BUILDS[L.paths.DEFAULT_BUILD].syms)
+    assert L.paths.image_and_syms(None, Path("/x.gz"), None) == (Path("/x.gz"), None)
+    with pytest.raises(ValueError, match="both name the image"):
+        L.paths.image_and_syms(name, Path("/x.gz"), None)
 
 
 def test_missing_syms_and_missing_image_do_not_start_anything(tmp_path, monkeypatch):
