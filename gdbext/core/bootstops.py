@@ -50,9 +50,15 @@ from .merge_catalog import CHECK_IDS, CHECKS_AT_STOP, FAIL, STATUSES
 
 # -- stop names (the shared contract) ------------------------------------------
 
-from .stopnames import (AFTER_START_XEN, CALL, EFI_MB2, EFI_RETURN,  # noqa: F401,E402
-                        ENTRY, HIGH_START, L2_XENMAP_FILLED, MERGE, START_XEN, STOP_ORDER,
-                        SWITCH, TABLES_RELOCATED, TRAMPOLINE_CR3, TRAMPOLINE_SETUP)
+from .stopnames import (AFTER_START_XEN, CALL, EFI_CR3, EFI_MB2,  # noqa: F401,E402
+                        EFI_RELOCATED, EFI_RETURN, EFI_SELF_RELOCATE, EFI_START,
+                        EFI_STOP_ORDER, EFI_TABLES_FIXED, ENTRY, HIGH_START, L2_XENMAP_FILLED,
+                        MERGE, START_XEN, STOP_ORDER, SWITCH, TABLES_RELOCATED,
+                        TRAMPOLINE_CR3, TRAMPOLINE_SETUP)
+
+# The function xen.efi calls twice from efi_start: with 0 to add B to its boot tables,
+# then with XEN_VIRT_START - B to move its static pointers back to linked VAs.
+EFI_RELOCATE_IMAGE = "efi_arch_relocate_image"
 
 # The u64 in which efi_multiboot2 (or the 32-bit path) records the trampoline's
 # low-memory copy.
@@ -296,6 +302,12 @@ class StopPlan:
     trampoline_size: Optional[int] = None           # trampoline_end - trampoline_start
     relocation_loop: Optional[Tuple[int, int]] = None  # linked VAs [start, after)
     l2_xenmap_fill: Optional[Tuple[int, int]] = None
+    order: Tuple[str, ...] = STOP_ORDER    # the names of this path (EFI_STOP_ORDER: xen.efi)
+
+    @property
+    def entry(self) -> BootStop:
+        """The first stop: where the boot loader (or the firmware) enters Xen."""
+        return self.stops[0]
 
     def names(self) -> List[str]:
         return [s.name for s in self.stops]
@@ -328,14 +340,14 @@ class StopPlan:
     def select(self, stops: Optional[Iterable[str]] = None,
                skip: Optional[Iterable[str]] = None) -> List[BootStop]:
         """The stops to plant, in boot order. Unknown names raise one line naming them."""
-        known = set(STOP_ORDER)
+        known = set(self.order)
         want = [stop_name(n) for n in _norm_names(stops)] if stops is not None else None
         drop = [stop_name(n) for n in _norm_names(skip)] if skip is not None else []
         bad = [n for n in (want or []) + drop if n not in known]
         if bad:
             raise GdbextError(
                 f"unknown stop {', '.join(repr(b) for b in bad)}; stops are: "
-                + ", ".join(STOP_ORDER))
+                + ", ".join(self.order))
         missing = [n for n in (want or []) if self.get(n) is None]
         if missing:
             raise GdbextError(
@@ -358,7 +370,7 @@ def typed_stop_name(name: str) -> str:
 
 def stop_name(typed: str) -> str:
     """The stop a user means by ``typed``: its name, or its one-word form."""
-    for name in STOP_ORDER:
+    for name in STOP_ORDER + EFI_STOP_ORDER:
         if typed == typed_stop_name(name):
             return name
     return typed
@@ -533,8 +545,60 @@ def plan_for(syms) -> StopPlan:
     return plan
 
 
+def _efi_start_code(syms) -> Tuple[int, bytes]:
+    """efi_start's linked VA and bytes (to the next symbol: xen.efi's ELF has no sizes)."""
+    va = syms.linked_va(EFI_START)
+    size = syms.lookup(EFI_START).size or (_next_symbol_va(syms, va) - va)
+    return va, syms.read_linked(va, size)
+
+
+def build_efi_plan(syms) -> StopPlan:
+    """The stop plan of xen.efi started by the firmware (symbols of xen.efi's own layout:
+    its ELF twin), from the symbols and efi_start's decoded code: the entry; the return
+    from the first call of efi_arch_relocate_image (delta 0: Xen's boot tables get B
+    added); the last call (delta XEN_VIRT_START - B: the self-relocation) and its return;
+    just after the ``mov %reg,%cr3`` that follows it (Xen's idle_pg_table); __start_xen."""
+    for needed in (EFI_START, START_XEN):
+        if needed not in syms:
+            raise GdbextError(f"{syms.path}: no {needed} symbol: not the symbols of xen.efi")
+    if not hasattr(syms, "read_linked"):
+        raise GdbextError(f"{syms.path} is an nm-format map: the stop plan of xen.efi's path "
+                          "decodes efi_start's code; load xen.efi's ELF twin (xen-*.efi.elf)")
+    b = _PlanBuilder(syms)
+    entry_va, code = _efi_start_code(syms)
+    b.add(EFI_START, LOAD, entry_va, "xen.efi's PE entry: the firmware's tables; static "
+          "pointers hold load addresses (the firmware applied the base relocations)")
+    relocate_va = syms.linked_va(EFI_RELOCATE_IMAGE) if EFI_RELOCATE_IMAGE in syms else None
+    insns = list(x86decode.iter_decode(code, entry_va, 64))
+    calls = [i for i in insns if relocate_va is not None and i.is_call
+             and i.branch_target == relocate_va]
+    if len(calls) < 2:
+        b.notes.append(f"{EFI_START} has {len(calls)} direct call(s) of {EFI_RELOCATE_IMAGE}, "
+                       "not two: no stops at the fix-up and the self-relocation")
+    else:
+        b.add(EFI_TABLES_FIXED, LOAD, calls[0].next_address,
+              f"back from {EFI_RELOCATE_IMAGE}(0): Xen's boot tables hold B + offset")
+        b.add(EFI_SELF_RELOCATE, LOAD, calls[-1].address,
+              f"the call of {EFI_RELOCATE_IMAGE}(XEN_VIRT_START - B), after ExitBootServices")
+        b.add(EFI_RELOCATED, LOAD, calls[-1].next_address,
+              "back from the self-relocation: static pointers hold linked VAs again")
+    after = calls[-1].address if calls else entry_va
+    load = next((i for i in insns if i.address > after and x86decode.K_MOV_TO_CR3 in i.kinds),
+                None)
+    if load is None:
+        b.notes.append(f"no mov to %cr3 found in {EFI_START} after the self-relocation")
+    else:
+        b.add(EFI_CR3, LOAD, load.next_address,
+              "just after the switch to Xen's own idle_pg_table (still at the load address)")
+    b.add(START_XEN, LINKED, syms.linked_va(START_XEN), "Xen's C entry, at its linked address")
+    return StopPlan(b.stops, False, None, b.notes, order=EFI_STOP_ORDER)
+
+
 def build_plan(syms) -> StopPlan:
-    """The stop plan of this build, from its symbols and bytes."""
+    """The stop plan of this build, from its symbols and bytes: GRUB's multiboot2+EFI path
+    for xen-syms, the firmware's own for xen.efi's layout (build_efi_plan)."""
+    if getattr(syms, "efi_layout", False):
+        return build_efi_plan(syms)
     for needed in (ENTRY, EFI_MB2, SWITCH, TRAMPOLINE_SETUP):
         if needed not in syms:
             raise GdbextError(f"{syms.path}: no {needed} symbol: not a multiboot2+EFI x86 Xen "

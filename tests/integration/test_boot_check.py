@@ -1,4 +1,4 @@
-"""scripts/xen-boot-check against real boots of Debian's Xen 4.17 (OVMF + GRUB + QEMU).
+"""scripts/xen-boot-check against real boots of Debian's Xen (OVMF + GRUB + QEMU).
 
 Three boots: the plain RFC prediction (exit 1, the failing checks named), the
 relocated prediction on the call's checks (exit 0), and a wrong xen-syms given to
@@ -146,6 +146,18 @@ def test_relocated_prediction_passes_the_call_checks(tmp_path, syms):
     assert statuses["I6"] == "PASS" and statuses["I3"] == "PASS" and statuses["I4"] == "PASS"
     ran = {c["id"] for s in result["stops"] for c in s["checks"]}
     assert ran <= set(merge_catalog.CALL_CHECKS)
+    assert all(c["status"] != "FAIL" for s in result["stops"] for c in s["checks"])
+    assert root.get("failures") == "0" and root.get("errors") == "0"
+    assert proc.stdout.strip().splitlines()[-1].startswith("xen-boot-check: ok:")
+
+
+def test_build_exits_0_and_reaches_every_planned_stop(tmp_path, xen_build):
+    """`xen-boot-check --build NAME` on the unmodified build: every stop its plan has
+    (decoded from its xen-syms), no failed check, exit 0."""
+    proc, report, root = boot_check(tmp_path, "--build", xen_build.name)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = report["result"]
+    assert result["reached"] == bootstops.build_plan(load_xen_syms(xen_build.syms)).names()
     assert all(c["status"] != "FAIL" for s in result["stops"] for c in s["checks"])
     assert root.get("failures") == "0" and root.get("errors") == "0"
     assert proc.stdout.strip().splitlines()[-1].startswith("xen-boot-check: ok:")

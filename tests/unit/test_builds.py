@@ -21,7 +21,7 @@ from gdbext.core import bootstops, xenefi
 from gdbext.core.bootstops import (CALL, EFI_MB2, EFI_RETURN, ENTRY, HIGH_START, L2_XENMAP_FILLED,
                                    LINKED, LOAD, LOW, START_XEN, SWITCH, TABLES_RELOCATED,
                                    TRAMPOLINE_CR3, TRAMPOLINE_SETUP)
-from gdbext.core.errors import MemoryReadError
+from gdbext.core.errors import GdbextError, MemoryReadError
 from gdbext.core.xensyms import BOOT_TABLES, load_xen_syms
 
 # The names the multiboot2+EFI boot path is built from (bootstops, l4merge, xen-locate).
@@ -276,3 +276,50 @@ def test_loaded_pe_headers_as_the_firmware_leaves_them(build):
     assert info["entry_rva"] == objdump_pe_field(build.efi, "AddressOfEntryPoint")
     assert info["size_of_image"] == objdump_pe_field(build.efi, "SizeOfImage")
     assert xenefi.loaded_image(_PageMemory(load, b"\0" * 0x1000), load, syms) is None
+
+
+# -- the stop plan of xen.efi's own path (firmware -> efi_start) ---------------------------
+
+EFI_TWIN_BUILDS = [n for n in sorted(paths.BUILDS) if paths.BUILDS[n].efi_elf is not None]
+
+
+@pytest.mark.parametrize("name", EFI_TWIN_BUILDS)
+def test_efi_plan_is_objdumps(name):
+    """efi_start's stops from objdump of the ELF twin: its first and last call of
+    efi_arch_relocate_image (the fix-up with delta 0, the self-relocation), the mov to
+    %cr3 after the latter, __start_xen at its linked address."""
+    build = paths.BUILDS[name]
+    elf = _need(build.efi_elf)
+    out = subprocess.run(["nm", "-n", str(elf)], capture_output=True, text=True,
+                         check=True).stdout
+    rows_nm = [(int(f[0], 16), f[2]) for f in (ln.split() for ln in out.splitlines()) if len(f) == 3]
+    start = next(a for a, n in rows_nm if n == "efi_start")
+    end = min(a for a, _n in rows_nm if a > start)
+    rows = objdump(elf, start, end)
+    calls = [i for i, (_a, t) in enumerate(rows) if re.match(r"^call\s+[0-9a-f]+ <efi_arch_relocate_image>$", t)]
+    assert len(calls) >= 2
+    cr3 = next(i for i in range(calls[-1], len(rows)) if re.match(r"^mov\s+%r\w+,%cr3$", rows[i][1]))
+    plan = bootstops.build_plan(load_xen_syms(elf))
+    assert plan.order == bootstops.EFI_STOP_ORDER and plan.entry.name == bootstops.EFI_START
+    got = {s.name: (s.kind, s.linked_va) for s in plan.stops}
+    assert got == {
+        bootstops.EFI_START: (LOAD, start),
+        bootstops.EFI_TABLES_FIXED: (LOAD, rows[calls[0] + 1][0]),
+        bootstops.EFI_SELF_RELOCATE: (LOAD, rows[calls[-1]][0]),
+        bootstops.EFI_RELOCATED: (LOAD, rows[calls[-1] + 1][0]),
+        bootstops.EFI_CR3: (LOAD, rows[cr3 + 1][0]),
+        START_XEN: (LINKED, next(a for a, n in rows_nm if n == "__start_xen")),
+    }
+    assert plan.names() == list(bootstops.EFI_STOP_ORDER) and not plan.notes
+    # xen-mb2-break's stop names of this path are accepted, the other path's refused.
+    assert [s.name for s in plan.select(["efi-cr3-load"])] == [bootstops.EFI_CR3]
+    with pytest.raises(GdbextError, match="unknown stop 'trampoline_setup'"):
+        plan.select(["trampoline_setup"])
+
+
+def test_efi_plan_of_a_map_is_one_clear_error():
+    for build in paths.BUILDS.values():
+        if build.efi_elf is None:
+            syms = load_xen_syms(_need(build.efi_map))
+            with pytest.raises(GdbextError, match="nm-format map.*xen-\\*\\.efi\\.elf"):
+                bootstops.build_plan(syms)

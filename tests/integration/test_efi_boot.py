@@ -1,0 +1,109 @@
+"""xen.efi booted directly by OVMF (the lab's EFI mode: no GRUB), per build.
+
+A build that ships xen.efi's ELF twin (4.20: xen-*.efi.elf, same layout and build-id as
+the PE) gets the whole path: xen-run-to efi_start at the firmware's load address, the
+registers there against QEMU's, xen-locate's B (RIP, then xen_phys_start) and the PE
+headers the firmware left at B against Xen's console line, CR3 = Xen's idle_pg_table at
+__start_xen, xen-va2pa against gva2gpa there. A build that ships only xen.efi's .map
+(4.17) has no bytes to find Xen by: it boots, and the map with Xen's own B locates the
+PE headers. Expected values come from QEMU's monitor, Xen's console and the symbol files.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from gdbext import paths
+from gdbext.core.xensyms import load_xen_syms
+from gdbext.host.gdbdriver import lab_session
+from gdbext.host.lab import XEN_LOAD_BASE_RE, LabConfig
+
+from ..oracles import parse_gva2gpa
+
+from .conftest import BOOT_TIMEOUT_S, Stop, console_load_base, matrix_builds, need_build
+
+VA2PA_SAMPLES = 1000   # the issue's figure for the EFI path
+
+
+# The builds that ship xen.efi's ELF twin (the bytes xen-run-to and xen-locate compare),
+# and those that ship only its map.
+ELF_TWIN_BUILDS = [n for n in matrix_builds() if paths.BUILDS[n].efi_elf is not None]
+MAP_ONLY_BUILDS = [n for n in matrix_builds() if paths.BUILDS[n].efi_elf is None]
+
+
+@pytest.fixture(scope="module", params=ELF_TWIN_BUILDS, ids=lambda n: f"xen{n}")
+def efi_build(request):
+    return need_build(request.param)
+
+
+@pytest.fixture(scope="module")
+def efi_boot(efi_build):
+    """A lab booting the build's xen.efi, GDB attached with the symbols of its layout,
+    halted at the first instruction (nothing run yet)."""
+    xen_build = efi_build
+    config = LabConfig(xen_image=xen_build.efi, xen_syms=xen_build.efi_syms, memory_mb=1024,
+                       efi=True)
+    with lab_session(config, xen_build.efi_syms) as (lab, gdb):
+        yield Stop(lab, gdb, "", {})
+
+
+@pytest.fixture(scope="module")
+def efi_syms(efi_build):
+    return load_xen_syms(efi_build.efi_syms)
+
+
+def test_efi_start_stop_registers_and_locate(efi_boot, efi_syms):
+    run = efi_boot.json(f"xen-run-to efi_start --json --timeout {BOOT_TIMEOUT_S}",
+                        timeout=BOOT_TIMEOUT_S + 60)
+    base = run["load_base"]
+    assert run["at"] == "load address" and run["rip"] == base + efi_syms.offset("efi_start")
+    ours, qemu = efi_boot.json("xen-regs --json"), efi_boot.qemu_registers()
+    for name in ("rip", "cr0", "cr3", "cr4", "efer"):
+        assert ours[name] == qemu[name], name
+    loc = efi_boot.json("xen-locate --json")
+    assert loc["load_base"] == base and loc["source"].startswith("RIP at")
+    assert loc["build_id_match"] is True and loc["build_id_memory"] == efi_syms.build_id.hex()
+    # The firmware relocated the PE to B and wrote B into the headers' ImageBase there.
+    assert loc["pe"]["headers_pa"] == base and loc["pe"]["image_base"] == base
+    assert loc["pe"]["entry_matches"] is True
+    efi_boot.run["load_base"] = base
+
+
+def test_efi_start_xen_cr3_va2pa_and_console_base(efi_boot, efi_syms):
+    base = efi_boot.run.get("load_base")
+    assert base is not None, "the efi_start test did not run first"
+    run = efi_boot.json(f"xen-run-to __start_xen --json --timeout {BOOT_TIMEOUT_S}",
+                        timeout=BOOT_TIMEOUT_S + 60)
+    assert run["at"] == "linked"
+    qemu = efi_boot.qemu_registers()
+    assert qemu["cr3"] & ~0xFFF == base + efi_syms.offset("idle_pg_table")
+    loc = efi_boot.json("xen-locate --json")
+    assert loc["source"].startswith("xen_phys_start") and loc["load_base"] == base
+    # xen-va2pa against QEMU's gva2gpa over Xen's image at its linked addresses.
+    rng = random.Random(13)
+    vas = [efi_syms.linked_va("efi_start"), efi_syms.linked_va("idle_pg_table")] + [
+        rng.randrange(efi_syms.image_start, efi_syms.image_end) for _ in range(VA2PA_SAMPLES)]
+    for va in vas:
+        walk = efi_boot.json(f"xen-va2pa {va:#x} --json")
+        assert walk["pa"] == parse_gva2gpa(efi_boot.monitor(f"gva2gpa {va:#x}")), hex(va)
+        assert walk["pa"] == base + (va - efi_syms.virt_start), hex(va)
+    # Xen's own word on B.
+    assert console_load_base(efi_boot.gdb, efi_boot.lab) == base
+
+
+@pytest.mark.parametrize("build", MAP_ONLY_BUILDS, ids=lambda n: f"xen{n}")
+def test_efi_map_build_boots_and_locates_with_the_console_base(build):
+    """A build with only xen.efi's .map (4.17): its xen.efi boots from OVMF; B comes from
+    Xen's console and the PE headers at B name efi_start as the entry."""
+    xen_build = need_build(build)
+    config = LabConfig(xen_image=xen_build.efi, xen_syms=xen_build.efi_map, memory_mb=1024,
+                       efi=True)
+    with lab_session(config, xen_build.efi_map) as (lab, gdb):
+        gdb.execute("monitor cont")   # no breakpoint: let the firmware and Xen run
+        base = int(lab.wait_for_serial(XEN_LOAD_BASE_RE, timeout=BOOT_TIMEOUT_S).group(1), 16)
+        gdb.execute("monitor stop")
+        loc = gdb.execute(f"xen-locate --base {base:#x} --json").json()
+        assert loc["load_base"] == base and loc["verified"] is None
+        assert loc["pe"]["image_base"] == base and loc["pe"]["entry_matches"] is True
