@@ -630,7 +630,9 @@ def where_in_boot(syms, load_base: Optional[int], rip: int,
     path).  In the trampoline's low copy (``trampoline_phys`` given):
     "trampoline".  At linked VAs: "__high_start" (x86_64.S up to the call),
     "__start_xen", "efi_multiboot2" for the EFI boot code (RFC builds call it
-    there), and anything else in the image as "after __start_xen".
+    there), and anything else in the image as "after __start_xen".  For xen.efi's
+    layout (the firmware started it) the code at the load address is "efi_start"
+    (the EFI boot code it runs before __start_xen).
     """
     if trampoline_phys is not None and "trampoline_start" in syms and "trampoline_end" in syms:
         size = syms.linked_va("trampoline_end") - syms.linked_va("trampoline_start")
@@ -646,6 +648,8 @@ def where_in_boot(syms, load_base: Optional[int], rip: int,
 
 
 def _load_stretch(syms, va: int) -> str:
+    if getattr(syms, "efi_layout", False):
+        return EFI_START
     hit = syms.symbol_at(va)
     sym = syms.lookup(hit[0]) if hit else None
     if sym is None or not (sym.file or "").endswith("head.o"):
