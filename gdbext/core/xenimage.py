@@ -86,6 +86,33 @@ def classify_pointer(found_addr: int, link_addr: int, load_base: int,
     return FOREIGN
 
 
+# Static pointers (a qword of Xen's data holding a linked VA, a PE base relocation's site
+# in xen.efi): what they hold on the way. On GRUB's multiboot2 path nothing relocates
+# them: they hold linked VAs throughout. On xen.efi's path the firmware's PE loader
+# applied the base relocations for the load address B (ImageBase = XEN_VIRT_START), so
+# they hold load addresses (B + offset of the target) until Xen relocates itself back
+# (efi_arch_relocate_image(XEN_VIRT_START - B), just before it switches to its own tables).
+STATIC_LINKED = "linked VA"
+STATIC_LOAD_ADDRESS = "load address"
+STATIC_FOREIGN = "foreign"
+
+
+def static_pointer_class(found: int, link_value: int, load_base: int, virt_start: int) -> str:
+    """Which of the two a static pointer holds: its linked VA (``link_value``, the ELF's
+    qword), or the load address of the same target (what the PE loader makes of it)."""
+    if found == link_value:
+        return STATIC_LINKED
+    if found == (link_value - virt_start + load_base) % (1 << 64):
+        return STATIC_LOAD_ADDRESS
+    return STATIC_FOREIGN
+
+
+def expected_static_pointer_class(efi_path: bool, relocated_back: bool) -> str:
+    """What a static pointer should hold: load addresses on xen.efi's path until Xen's
+    self-relocation, linked VAs otherwise."""
+    return STATIC_LOAD_ADDRESS if efi_path and not relocated_back else STATIC_LINKED
+
+
 class LoadedXen:
     """A Xen image (its symbols) at load base B in physical memory."""
 

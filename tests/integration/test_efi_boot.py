@@ -12,10 +12,15 @@ PE headers. Expected values come from QEMU's monitor, Xen's console and the symb
 from __future__ import annotations
 
 import random
+import re
+import struct
+import subprocess
 
 import pytest
+from elftools.elf.elffile import ELFFile
 
 from gdbext import paths
+from gdbext.core import xenimage
 from gdbext.core.xensyms import load_xen_syms
 from gdbext.host.gdbdriver import lab_session
 from gdbext.host.lab import XEN_LOAD_BASE_RE, LabConfig
@@ -25,6 +30,29 @@ from ..oracles import parse_gva2gpa
 from .conftest import BOOT_TIMEOUT_S, Stop, console_load_base, matrix_builds, need_build
 
 VA2PA_SAMPLES = 1000   # the issue's figure for the EFI path
+
+
+def first_data_relocation(efi_path, efi_elf, syms):
+    """(linked VA, link-time qword) of the first DIR64 base relocation of xen.efi outside
+    code and page tables: objdump -p's reading of .reloc, the qword from the ELF twin by
+    pyelftools."""
+    out = subprocess.run(["objdump", "-p", str(efi_path)], capture_output=True, text=True,
+                         check=True).stdout
+    rvas = [int(m.group(1), 16) for m in
+            re.finditer(r"^\s+reloc\s+\d+ offset\s+[0-9a-f]+ \[([0-9a-f]+)\] DIR64", out, re.M)]
+    pt = (syms.offset("__page_tables_start"), syms.offset("__page_tables_end"))
+    with open(efi_elf, "rb") as f:
+        elf = ELFFile(f)
+        for rva in rvas:
+            va = syms.virt_start + rva
+            if pt[0] <= rva < pt[1]:
+                continue
+            for sec in elf.iter_sections():
+                if (sec["sh_type"] == "SHT_PROGBITS" and not sec["sh_flags"] & 0x4
+                        and sec["sh_addr"] <= va < sec["sh_addr"] + sec["sh_size"]):
+                    at = va - sec["sh_addr"]
+                    return va, struct.unpack_from("<Q", sec.data(), at)[0]
+    raise AssertionError("no DIR64 relocation of xen.efi in its data")
 
 
 # The builds that ship xen.efi's ELF twin (the bytes xen-run-to and xen-locate compare),
@@ -49,6 +77,10 @@ def efi_boot(efi_build):
         yield Stop(lab, gdb, "", {})
 
 
+def efi_build_of(stop) -> paths.XenBuild:
+    return paths.build_of(stop.lab.xen_syms)
+
+
 @pytest.fixture(scope="module")
 def efi_syms(efi_build):
     return load_xen_syms(efi_build.efi_syms)
@@ -68,6 +100,18 @@ def test_efi_start_stop_registers_and_locate(efi_boot, efi_syms):
     # The firmware relocated the PE to B and wrote B into the headers' ImageBase there.
     assert loc["pe"]["headers_pa"] == base and loc["pe"]["image_base"] == base
     assert loc["pe"]["entry_matches"] is True
+    # Under the firmware's tables: xen-va2pa against gva2gpa over the loaded image.
+    rng = random.Random(7)
+    lo, hi = base + efi_syms.image_offset, base + efi_syms.offset(efi_syms.image_end)
+    for va in [rip for rip in (run["rip"],)] + [rng.randrange(lo, hi) for _ in range(VA2PA_SAMPLES)]:
+        walk = efi_boot.json(f"xen-va2pa {va:#x} --json")
+        assert walk["pa"] == parse_gva2gpa(efi_boot.monitor(f"gva2gpa {va:#x}")), hex(va)
+    # The firmware applied the base relocations for B: a static pointer holds the load
+    # address of its target (QEMU's xp reads it), not the linked VA the ELF has.
+    va, link = first_data_relocation(efi_build_of(efi_boot).efi, efi_boot.lab.xen_syms, efi_syms)
+    found = efi_boot.qwords(base + (va - efi_syms.virt_start), 1)[0]
+    assert xenimage.static_pointer_class(found, link, base, efi_syms.virt_start) == \
+        xenimage.expected_static_pointer_class(True, False) == xenimage.STATIC_LOAD_ADDRESS
     efi_boot.run["load_base"] = base
 
 
@@ -89,6 +133,11 @@ def test_efi_start_xen_cr3_va2pa_and_console_base(efi_boot, efi_syms):
         walk = efi_boot.json(f"xen-va2pa {va:#x} --json")
         assert walk["pa"] == parse_gva2gpa(efi_boot.monitor(f"gva2gpa {va:#x}")), hex(va)
         assert walk["pa"] == base + (va - efi_syms.virt_start), hex(va)
+    # Xen relocated itself back before __start_xen: the static pointer is a linked VA.
+    va, link = first_data_relocation(efi_build_of(efi_boot).efi, efi_boot.lab.xen_syms, efi_syms)
+    found = efi_boot.qwords(base + (va - efi_syms.virt_start), 1)[0]
+    assert xenimage.static_pointer_class(found, link, base, efi_syms.virt_start) == \
+        xenimage.expected_static_pointer_class(True, True) == xenimage.STATIC_LINKED
     # Xen's own word on B.
     assert console_load_base(efi_boot.gdb, efi_boot.lab) == base
 

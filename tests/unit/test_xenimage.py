@@ -289,3 +289,17 @@ def test_user_base_must_be_a_plausible_pa_below_maxphyaddr_and_in_ram(xen):
     # An image that starts in RAM but runs past its end.
     last = ((1 << 30) - size) // align * align + align
     assert "RAM" in xenimage.user_base_problem(syms, last, 52, ram)
+
+
+def test_static_pointer_classes_on_both_paths():
+    """A static pointer at its linked VA, at its load address (xen.efi after the firmware
+    applied the base relocations for B), or neither; and which one each path expects."""
+    from gdbext.core import xenimage as XI
+    virt, base = 0xFFFF82D040000000, 0x39600000
+    link = virt + 0x22E200
+    assert XI.static_pointer_class(link, link, base, virt) == XI.STATIC_LINKED
+    assert XI.static_pointer_class(base + 0x22E200, link, base, virt) == XI.STATIC_LOAD_ADDRESS
+    assert XI.static_pointer_class(base + 0x22E208, link, base, virt) == XI.STATIC_FOREIGN
+    assert XI.expected_static_pointer_class(True, False) == XI.STATIC_LOAD_ADDRESS
+    assert XI.expected_static_pointer_class(True, True) == XI.STATIC_LINKED
+    assert XI.expected_static_pointer_class(False, False) == XI.STATIC_LINKED
