@@ -18,3 +18,25 @@ class MemoryReadError(GdbextError):
         self.pa = pa
         self.size = size
         super().__init__(f"physical memory {pa:#x}..{pa + size:#x} is {why}")
+
+
+class GuestCrashed(GdbextError):
+    """The guest died while gdbext drove it: a CPU exception caught at its handler
+    (kind "fault"), a triple fault or reset ("triple-fault"), no stop within the
+    hang wait ("hang"), or one of Xen's own fatal paths ("xen-fatal").
+
+    The message is the one-line summary ("the guest crashed: #PF at ... CR2 ...");
+    ``report`` has ``text()`` (lines, or a string) and ``as_dict()`` for JSON. Every
+    place that runs the guest lets it through to the command, which ends with it (a
+    session keeps the stops before it and records the crash at the stop where it
+    happened)."""
+
+    def __init__(self, kind: str, summary: str, report=None):
+        super().__init__(summary)
+        self.kind = kind
+        self.summary = summary
+        self.report = report
+
+    def as_dict(self) -> dict:
+        detail = self.report.as_dict() if self.report is not None else {}
+        return {"kind": self.kind, "summary": self.summary, **detail}

@@ -151,3 +151,47 @@ def where_from_here(syms, symbol: str, rip: Optional[int], load_base: Optional[i
     if symbol == ENTRY_SYMBOL and here != syms.offset(symbol):
         return BEHIND         # anywhere else in the image, the entry has run
     return UNKNOWN
+
+
+# Why a 'continue' that gdbext drove ended. A stop is recognised by what GDB's stop
+# event says fired, never by RIP alone or by how long it took: under load a slow stub
+# can report a stray SIGINT stop at the very breakpoint the guest was resumed from
+# (see gdb_layer/context.py, raise_remote_timeout), and RIP then equals a planted
+# address although nothing fired.
+STOP_PLANTED = "planted"    # one of the planted breakpoints fired, at RIP
+STOP_TIMEOUT = "timeout"    # the wait's own interrupt stopped the guest
+STOP_FOREIGN = "foreign"    # anything else: the user's breakpoint or Ctrl-C, a signal
+
+
+@dataclass(frozen=True)
+class StopFacts:
+    """What GDB said about a stop, in plain values."""
+    rip: int
+    planted_fired: Tuple[int, ...] = ()   # addresses of planted breakpoints the event names
+    other_fired: Tuple[int, ...] = ()     # numbers of other breakpoints the event names
+    signal: Optional[str] = None          # the stop's signal ("SIGINT"), if it was one
+    timer_fired: bool = False             # the wait's own timer sent its interrupt
+    had_event: bool = True                # GDB reported a stop event at all
+
+
+def classify_stop(facts: StopFacts) -> str:
+    """Which of STOP_PLANTED, STOP_TIMEOUT, STOP_FOREIGN the stop is."""
+    if facts.rip in facts.planted_fired:
+        return STOP_PLANTED
+    if facts.timer_fired and facts.signal == "SIGINT" and not facts.other_fired:
+        return STOP_TIMEOUT
+    return STOP_FOREIGN
+
+
+def foreign_stop_text(facts: StopFacts, what: str) -> str:
+    """One line for a stop that none of the planted breakpoints made."""
+    if not facts.had_event:
+        why = "no stop event"
+    elif facts.other_fired:
+        why = "breakpoint " + ", ".join(str(n) for n in facts.other_fired)
+    elif facts.signal:
+        why = f"signal {facts.signal}"
+    else:
+        why = "a stop gdbext did not plant"
+    return (f"stopped at {facts.rip:#x} ({why}) while waiting for {what}: none of the "
+            "planted breakpoints fired; the guest stays stopped there")

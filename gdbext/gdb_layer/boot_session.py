@@ -199,7 +199,10 @@ class BootSession:
         record; a stop anywhere else (the user's breakpoint, a fault) is an error."""
         waiting_for = self.book.next_name()
         while True:
-            rip = self.ctx.continue_until(time.monotonic() + timeout, waiting_for)
+            # Returns only when one of the session's breakpoints fired (GDB's stop
+            # event says which), never for a stop that merely has a planted RIP.
+            rip = self.ctx.continue_until(time.monotonic() + timeout, waiting_for,
+                                          list(self.breakpoints.values()))
             if self.book.stop_for(rip) is None:
                 where = bootstops.where_in_boot(self.syms, self.load_base, rip,
                                                 self.book.trampoline_phys)

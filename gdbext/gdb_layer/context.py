@@ -24,11 +24,12 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import gdb
 
-from ..core import bootstops, locate, merge_catalog, merge_here, paging, suggest, x86, xenimage
+from ..core import (bootstops, locate, merge_catalog, merge_here, paging, piccheck, runto,
+                   suggest, x86, xenimage)
 from ..core.errors import GdbextError
 from ..core.paging import MODES, PagingContext
 from ..core.walknames import Situation
@@ -39,6 +40,8 @@ from .backend import GdbTarget
 from .command import one_line
 
 CONTROL_REGISTERS = ("cr0", "cr3", "cr4", "efer")
+# GDB's remote timeout while gdbext is loaded (see raise_remote_timeout).
+MIN_REMOTE_TIMEOUT_S = 120
 _U64 = (1 << 64) - 1
 # --root values that walk the RFC's merged L4 as predicted (nothing written).
 MERGE_ROOTS = {"merge": False, "merge-relocated": True}
@@ -72,16 +75,30 @@ class RootChoice:
 
 
 class _Timeout:
-    """Interrupt GDB's blocking 'continue' after a while, as Ctrl-C would."""
+    """Interrupt GDB's blocking 'continue' after a while, as Ctrl-C would.
+
+    The SIGINT is sent only while the guest still runs: once GDB has reported a
+    stop (``stopped()``, called from the stop event) a late timer does nothing, so a
+    stop that came just in time is never turned into a timeout, and no stray SIGINT
+    reaches GDB while it is stopped (it would abort the next command)."""
 
     def __init__(self, seconds: float):
         self.fired = False
+        self._stopped = False
+        self._lock = threading.Lock()
         self._timer = threading.Timer(seconds, self._fire)
         self._timer.daemon = True
 
     def _fire(self) -> None:
-        self.fired = True
-        os.kill(os.getpid(), signal.SIGINT)
+        with self._lock:
+            if self._stopped:
+                return
+            self.fired = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def stopped(self) -> None:
+        with self._lock:
+            self._stopped = True
 
     def __enter__(self):
         if self._timer.interval > 0:
@@ -89,7 +106,42 @@ class _Timeout:
         return self
 
     def __exit__(self, *exc):
+        self.stopped()
         self._timer.cancel()
+
+
+def raise_remote_timeout() -> None:
+    """Make GDB wait for a slow stub instead of sending its packets again.
+
+    GDB waits ``remotetimeout`` seconds (default 2) for the stub's ack and then
+    resends. QEMU's gdbstub (7.2) runs in QEMU's main loop; on a loaded machine, or
+    with QEMU briefly stopped, it answers later than that and then handles every
+    copy: GDB takes the first answer and resumes the guest, and the bytes that
+    follow (the copies' acks) reach QEMU while the guest runs, which it takes as an
+    interrupt and reports as a SIGINT stop wherever the guest is, often still at
+    the breakpoint it was resumed from (seen: four copies of a Z0 packet, then
+    "Program received signal SIGINT" at the unchanged RIP). With a long timeout
+    only a stub silent for that long is retried; a stub that went away still ends
+    the wait at once (its connection closes). A larger value the user set is kept."""
+    try:
+        current = int(gdb.parameter("remotetimeout"))
+    except (gdb.error, TypeError, ValueError):
+        current = 0
+    if current < MIN_REMOTE_TIMEOUT_S:
+        gdb.execute(f"set remotetimeout {MIN_REMOTE_TIMEOUT_S}", to_string=True)
+
+
+def _stop_facts(event, rip: int, planted: Dict[int, "gdb.Breakpoint"],
+                timer_fired: bool) -> runto.StopFacts:
+    """GDB's stop event as plain facts for the core's classify_stop."""
+    if event is None:
+        return runto.StopFacts(rip, timer_fired=timer_fired, had_event=False)
+    fired = [bp for bp in getattr(event, "breakpoints", None) or [] if bp.is_valid()]
+    planted_at = tuple(loc.address & _U64 for bp in fired if bp.number in planted
+                       for loc in bp.locations)
+    others = tuple(bp.number for bp in fired if bp.number not in planted)
+    return runto.StopFacts(rip, planted_at, others, getattr(event, "stop_signal", None),
+                           timer_fired)
 
 
 def _user_breakpoint_locations() -> Dict[int, set]:
@@ -363,6 +415,9 @@ class Context:
         if kind == "check":
             return suggest.completions(merge_catalog.CHECK_IDS, prefix.upper())
         syms = self.xen.syms
+        if kind == "function":   # xen-pic-check: the image's code, nothing of GDB's
+            return [] if syms is None else suggest.completions(piccheck.function_names(syms),
+                                                               prefix)
         fixed = list(MERGE_ROOTS) + ["cr3"] if kind == "root" else []
         if syms is None:
             return suggest.completions(fixed, prefix) if fixed else None
@@ -518,22 +573,44 @@ class Context:
             except RuntimeError:
                 pass  # already gone (the user deleted it)
 
-    def continue_until(self, timeout_at: float, what: str) -> int:
-        """Resume the guest until the next stop; return RIP. Raises on timeout."""
+    def continue_until(self, timeout_at: float, what: str,
+                       breakpoints: Iterable["gdb.Breakpoint"]) -> int:
+        """Resume the guest until one of ``breakpoints`` fires; return RIP.
+
+        The stop is recognised by GDB's stop event (which breakpoint fired, at its
+        own address), never by RIP alone: any other stop (a SIGINT the stub made of
+        bytes that arrived while the guest ran, the user's Ctrl-C or breakpoint) is
+        one GdbextError line naming what was awaited, even when RIP equals a planted
+        address. The timeout is the timer's SIGINT, and counts only if that SIGINT is
+        what stopped the guest."""
         remaining = timeout_at - time.monotonic()
         msg = (f"timed out waiting for Xen to reach {what} (is Xen booting? see the "
                "serial log)")
         if remaining <= 0:
             raise GdbextError(msg)
+        planted = {bp.number: bp for bp in breakpoints if bp.is_valid()}
+        events: list = []
         with _Timeout(remaining) as tm:
-            gdb.execute("continue", to_string=True)
-        if tm.fired:
-            raise GdbextError(msg)
+            def on_stop(event) -> None:
+                tm.stopped()
+                events.append(event)
+            gdb.events.stop.connect(on_stop)
+            try:
+                gdb.execute("continue", to_string=True)
+            finally:
+                gdb.events.stop.disconnect(on_stop)
         try:
-            return self.target.read_register("rip")
+            rip = self.target.read_register("rip")
         except GdbextError:
             raise GdbextError(f"the guest stopped without registers while waiting for {what} "
                               "(did QEMU exit? see its log)") from None
+        facts = _stop_facts(events[-1] if events else None, rip, planted, tm.fired)
+        kind = runto.classify_stop(facts)
+        if kind == runto.STOP_PLANTED:
+            return rip
+        if kind == runto.STOP_TIMEOUT:
+            raise GdbextError(msg)
+        raise GdbextError(runto.foreign_stop_text(facts, what))
 
     @staticmethod
     def bytes_at(va: int, size: int) -> bytes:

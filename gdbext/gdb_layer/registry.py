@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from . import functions, settings
 from .command import XenPrefix
-from .commands import diagram, mb2_break, merge, paging, walkthrough, xen
-from .context import CONTEXT
+from .commands import diagram, mb2_break, merge, paging, pic_check, walkthrough, xen
+from .context import CONTEXT, raise_remote_timeout
 
-COMMAND_MODULES = (paging, xen, merge, mb2_break, diagram, walkthrough)
+COMMAND_MODULES = (paging, xen, merge, mb2_break, diagram, walkthrough, pic_check)
 
 _INSTALLED = False
 
@@ -18,6 +18,7 @@ def install() -> bool:
     if _INSTALLED:
         return False
     XenPrefix()
+    raise_remote_timeout()
     settings.install(CONTEXT)
     for module in COMMAND_MODULES:
         module.install(CONTEXT)

@@ -54,11 +54,9 @@ def run_to(ctx, symbol: str, timeout: float, load_base: Optional[int] = None,
             for addr in p.addresses:
                 breakpoints.append(ctx.quiet_breakpoint(addr))
             while True:
-                rip = ctx.continue_until(timeout_at, symbol)
+                # Only a stop at one of these breakpoints returns; any other raises.
+                rip = ctx.continue_until(timeout_at, symbol, breakpoints)
                 hit = runto.classify_hit(p, rip, ctx.bytes_at(rip, runto.VERIFY_BYTES))
-                if hit == runto.HIT_ELSEWHERE:
-                    # Stopped for another reason (the user's breakpoint, a signal): hand over.
-                    raise GdbextError(f"stopped at {rip:#x} before reaching {symbol}")
                 if hit != runto.HIT_FALSE:
                     break
                 false_hits += 1

@@ -112,6 +112,10 @@ class GdbSession:
             at = got.find(MARKER)
             if at >= 0:
                 data = json.loads(got[at + len(MARKER):])
+                if data["cmd"] != cmd:
+                    # The late answer of an earlier command that timed out here: not ours.
+                    self.transcript.append(f"(late reply to {data['cmd']!r})")
+                    continue
                 reply = Reply(data["cmd"], data["out"], data["error"])
                 if check and reply.error:
                     raise GdbCommandError(cmd, reply.error, reply.out)

@@ -117,7 +117,9 @@ LAB_INFO_NAME = "lab.json"
 # Repository files the lab points users at.
 
 # Timing.
-START_TIMEOUT_S = 10.0  # QEMU start to gdbstub LISTEN (measured: < 0.1 s)
+# QEMU start to gdbstub LISTEN (measured: < 0.1 s). Generous: the wait ends as soon as the
+# stub listens, and a loaded machine may start QEMU slowly.
+START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 3.0  # SIGTERM to exit, then SIGKILL
 KILL_TIMEOUT_S = 2.0
 POLL_INTERVAL_S = 0.02
@@ -849,6 +851,13 @@ class Lab:
             except OSError:
                 pass
         return proc.poll() if proc is not None else None
+
+    def wait_exit(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for QEMU to end (killed elsewhere); True once it has.
+
+        A QEMU killed by SIGKILL closes its sockets (GDB sees it go) a moment before
+        its parent can reap it, so alive() just after that is a race."""
+        return self._proc is None or self._poll_exit(timeout)
 
     def _poll_exit(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -212,7 +212,7 @@ def console_load_base(gdb: GdbSession, lab: Lab) -> int:
     if not re.search(XEN_LOAD_BASE_RE, lab.serial_text()):
         gdb.execute(f"tbreak *{after_load_base_printk(lab.xen_syms):#x}")
         gdb.execute("continue", timeout=BOOT_TIMEOUT_S)
-    return int(lab.wait_for_serial(XEN_LOAD_BASE_RE, timeout=30).group(1), 16)
+    return int(lab.wait_for_serial(XEN_LOAD_BASE_RE, timeout=120).group(1), 16)
 
 
 def image_for(xen_syms) -> "paths.Path":

@@ -222,7 +222,7 @@ def _run_to(ctx, pa: int, what: str) -> int:
     """Continue until RIP == pa (one internal breakpoint); returns RIP."""
     bp = ctx.quiet_breakpoint(pa)
     try:
-        return ctx.continue_until(time.monotonic() + RUN_TO_CALL_TIMEOUT_S, what)
+        return ctx.continue_until(time.monotonic() + RUN_TO_CALL_TIMEOUT_S, what, [bp])
     except GdbextError as err:
         raise GdbextError(f"xen-l4merge-apply: {err}; it is stopped now, --undo restores "
                           "what was written") from None
