@@ -52,12 +52,12 @@ from .merge_catalog import CHECK_IDS, CHECKS_AT_STOP, FAIL, STATUSES
 
 from .stopnames import (AFTER_START_XEN, CALL, EFI_CR3, EFI_MB2,  # noqa: F401,E402
                         EFI_RELOCATED, EFI_RETURN, EFI_SELF_RELOCATE, EFI_START,
-                        EFI_STOP_ORDER, EFI_TABLES_FIXED, ENTRY, HIGH_START, L2_XENMAP_FILLED,
+                        EFI_STOP_ORDER, ENTRY, HIGH_START, L2_XENMAP_FILLED,
                         MERGE, START_XEN, STOP_ORDER, SWITCH, TABLES_RELOCATED,
                         TRAMPOLINE_CR3, TRAMPOLINE_SETUP)
 
-# The function xen.efi calls twice from efi_start: with 0 to add B to its boot tables,
-# then with XEN_VIRT_START - B to move its static pointers back to linked VAs.
+# The function xen.efi calls from efi_start, last with XEN_VIRT_START - B: it moves every
+# relocated qword back (static pointers to linked VAs, boot-table entries to link + B).
 EFI_RELOCATE_IMAGE = "efi_arch_relocate_image"
 
 # The u64 in which efi_multiboot2 (or the 32-bit path) records the trampoline's
@@ -554,10 +554,11 @@ def _efi_start_code(syms) -> Tuple[int, bytes]:
 
 def build_efi_plan(syms) -> StopPlan:
     """The stop plan of xen.efi started by the firmware (symbols of xen.efi's own layout:
-    its ELF twin), from the symbols and efi_start's decoded code: the entry; the return
-    from the first call of efi_arch_relocate_image (delta 0: Xen's boot tables get B
-    added); the last call (delta XEN_VIRT_START - B: the self-relocation) and its return;
-    just after the ``mov %reg,%cr3`` that follows it (Xen's idle_pg_table); __start_xen."""
+    its ELF twin), from the symbols and efi_start's decoded code: the entry; the last
+    call of efi_arch_relocate_image (delta XEN_VIRT_START - B, after ExitBootServices:
+    the self-relocation; an earlier call with delta 0 changes none of the relocated
+    qwords) and its return; just after the ``mov %reg,%cr3`` that follows it (Xen's
+    idle_pg_table); __start_xen."""
     for needed in (EFI_START, START_XEN):
         if needed not in syms:
             raise GdbextError(f"{syms.path}: no {needed} symbol: not the symbols of xen.efi")
@@ -572,16 +573,15 @@ def build_efi_plan(syms) -> StopPlan:
     insns = list(x86decode.iter_decode(code, entry_va, 64))
     calls = [i for i in insns if relocate_va is not None and i.is_call
              and i.branch_target == relocate_va]
-    if len(calls) < 2:
-        b.notes.append(f"{EFI_START} has {len(calls)} direct call(s) of {EFI_RELOCATE_IMAGE}, "
-                       "not two: no stops at the fix-up and the self-relocation")
+    if not calls:
+        b.notes.append(f"no direct call of {EFI_RELOCATE_IMAGE} in {EFI_START}: no stops at "
+                       "the self-relocation")
     else:
-        b.add(EFI_TABLES_FIXED, LOAD, calls[0].next_address,
-              f"back from {EFI_RELOCATE_IMAGE}(0): Xen's boot tables hold B + offset")
         b.add(EFI_SELF_RELOCATE, LOAD, calls[-1].address,
               f"the call of {EFI_RELOCATE_IMAGE}(XEN_VIRT_START - B), after ExitBootServices")
         b.add(EFI_RELOCATED, LOAD, calls[-1].next_address,
-              "back from the self-relocation: static pointers hold linked VAs again")
+              "back from the self-relocation: static pointers hold linked VAs again, the "
+              "boot tables' entries link + B")
     after = calls[-1].address if calls else entry_va
     load = next((i for i in insns if i.address > after and x86decode.K_MOV_TO_CR3 in i.kinds),
                 None)

@@ -34,11 +34,10 @@ STOP_ORDER: Tuple[str, ...] = (
 # efi_start runs at the load address, Xen fixes its boot tables up, exits boot services,
 # relocates itself back to its linked addresses, switches to its own tables, __start_xen.
 EFI_START = "efi_start"
-EFI_TABLES_FIXED = "efi tables fixed"        # back from efi_arch_relocate_image(0)
 EFI_SELF_RELOCATE = "efi self-relocation"    # the call of efi_arch_relocate_image(delta)
 EFI_RELOCATED = "efi relocated"              # back from it: static pointers linked again
 EFI_CR3 = "efi cr3 load"                     # just after the switch to idle_pg_table
 
 EFI_STOP_ORDER: Tuple[str, ...] = (
-    EFI_START, EFI_TABLES_FIXED, EFI_SELF_RELOCATE, EFI_RELOCATED, EFI_CR3, START_XEN,
+    EFI_START, EFI_SELF_RELOCATE, EFI_RELOCATED, EFI_CR3, START_XEN,
 )

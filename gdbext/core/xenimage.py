@@ -39,7 +39,11 @@ RELOCATED_TWICE = "relocated-twice"
 FOREIGN = "foreign"
 ABSOLUTE = "absolute"
 NOT_PRESENT = "not-present"
-POINTER_CLASSES = (RELOCATED, UNRELOCATED, RELOCATED_TWICE, FOREIGN, ABSOLUTE, NOT_PRESENT)
+# xen.efi before its self-relocation: the firmware's PE loader added B - ImageBase
+# (ImageBase = XEN_VIRT_START) to every base relocation, the boot tables' entries included.
+PE_RELOCATED = "pe-relocated"
+POINTER_CLASSES = (RELOCATED, UNRELOCATED, RELOCATED_TWICE, FOREIGN, ABSOLUTE, NOT_PRESENT,
+                   PE_RELOCATED)
 
 # The L4 Xen boots from (CR3 once Xen runs); a merged root (the RFC's
 # efi_l4_bootmap) copies its upper half.
@@ -71,8 +75,14 @@ class EntryVerdict:
 
 
 def classify_pointer(found_addr: int, link_addr: int, load_base: int,
-                     absolute: bool = False) -> str:
-    """Classify a pointer's address part against its link-time address part."""
+                     absolute: bool = False, pe_delta: Optional[int] = None,
+                     addr_mask: int = x86.phys_addr_mask(x86.MAXPHYADDR_ARCH)) -> str:
+    """Classify a pointer's address part against its link-time address part.
+
+    ``pe_delta`` (xen.efi's layout: B - XEN_VIRT_START, mod 2**64) also recognises an
+    entry the firmware's PE loader relocated as it relocates every pointer of the image
+    (the address part of link + pe_delta): what xen.efi's tables hold from efi_start
+    until its self-relocation (efi_arch_relocate_image) makes them link + B."""
     if absolute:
         return ABSOLUTE if found_addr == link_addr else FOREIGN
     if link_addr == 0:
@@ -83,6 +93,8 @@ def classify_pointer(found_addr: int, link_addr: int, load_base: int,
         return UNRELOCATED
     if found_addr == link_addr + 2 * load_base:
         return RELOCATED_TWICE
+    if pe_delta is not None and found_addr == (link_addr + pe_delta) % (1 << 64) & addr_mask:
+        return PE_RELOCATED
     return FOREIGN
 
 
@@ -120,6 +132,9 @@ class LoadedXen:
         self.syms = syms
         self.load_base = load_base
         self.virt_start = syms.virt_start
+        # xen.efi's layout: what the firmware's PE loader adds to each relocated qword.
+        self.pe_delta = ((load_base - syms.virt_start) % (1 << 64)
+                         if getattr(syms, "efi_layout", False) else None)
         # The loaded image: [B + offset(_start), B + offset(_end)).
         self.image_pa_start = load_base + syms.offset(syms.image_start)
         self.image_pa_end = load_base + syms.offset(syms.image_end)
@@ -178,7 +193,8 @@ class LoadedXen:
         if not found & x86.PTE_P:
             kind = NOT_PRESENT
         else:
-            kind = classify_pointer(found_addr, link_addr, self.load_base, absolute)
+            kind = classify_pointer(found_addr, link_addr, self.load_base, absolute,
+                                    self.pe_delta, addr_mask)
         expected = link_addr if absolute or not link_addr else link_addr + self.load_base
         entry_pa = self.pa(table) + 8 * index
         return EntryVerdict(table, index, entry_pa, found, link, kind, found_addr, expected)

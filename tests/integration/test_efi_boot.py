@@ -32,6 +32,15 @@ from .conftest import BOOT_TIMEOUT_S, Stop, console_load_base, matrix_builds, ne
 VA2PA_SAMPLES = 1000   # the issue's figure for the EFI path
 
 
+def elf_qword(elf_path, va: int) -> int:
+    """The link-time qword at ``va`` of an ELF, by pyelftools."""
+    with open(elf_path, "rb") as f:
+        for sec in ELFFile(f).iter_sections():
+            if sec["sh_type"] == "SHT_PROGBITS" and sec["sh_addr"] <= va < sec["sh_addr"] + sec["sh_size"]:
+                return struct.unpack_from("<Q", sec.data(), va - sec["sh_addr"])[0]
+    raise AssertionError(f"{va:#x} is in no section of {elf_path}")
+
+
 def first_data_relocation(efi_path, efi_elf, syms):
     """(linked VA, link-time qword) of the first DIR64 base relocation of xen.efi outside
     code and page tables: objdump -p's reading of .reloc, the qword from the ELF twin by
@@ -112,6 +121,18 @@ def test_efi_start_stop_registers_and_locate(efi_boot, efi_syms):
     found = efi_boot.qwords(base + (va - efi_syms.virt_start), 1)[0]
     assert xenimage.static_pointer_class(found, link, base, efi_syms.virt_start) == \
         xenimage.expected_static_pointer_class(True, False) == xenimage.STATIC_LOAD_ADDRESS
+    # Xen's boot tables as the PE loader left them: every entry link value + B - ImageBase
+    # (QEMU's xp of idle_pg_table's slot, the link value from the ELF by pyelftools).
+    slot = (efi_syms.linked_va("efi_multiboot2") >> 39) & 0x1FF
+    l4_pa = base + efi_syms.offset("idle_pg_table")
+    walk = efi_boot.json(f"xen-va2pa efi_multiboot2 --root idle_pg_table@pa --json")
+    top = walk["levels"][0]
+    assert top["table_name"] == "idle_pg_table" and top["index"] == slot
+    found = efi_boot.qwords(l4_pa + 8 * slot, 1)[0]
+    link = elf_qword(efi_boot.lab.xen_syms, efi_syms.linked_va("idle_pg_table") + 8 * slot)
+    assert found == (link + base - efi_syms.virt_start) % (1 << 64)
+    assert top["pointer"]["kind"] == xenimage.PE_RELOCATED
+    assert "pe-relocated" in efi_boot.cmd(f"xen-va2pa efi_multiboot2 --root idle_pg_table@pa").out
     efi_boot.run["load_base"] = base
 
 
@@ -138,21 +159,35 @@ def test_efi_start_xen_cr3_va2pa_and_console_base(efi_boot, efi_syms):
     found = efi_boot.qwords(base + (va - efi_syms.virt_start), 1)[0]
     assert xenimage.static_pointer_class(found, link, base, efi_syms.virt_start) == \
         xenimage.expected_static_pointer_class(True, True) == xenimage.STATIC_LINKED
+    # ... and its tables' entries link value + B, as on the multiboot2 path.
+    walk = efi_boot.json("xen-va2pa efi_multiboot2 --json")
+    assert walk["levels"][0]["table_name"] == "idle_pg_table"
+    assert walk["levels"][0]["pointer"]["kind"] == xenimage.RELOCATED
+    assert walk["pa"] == base + efi_syms.offset("efi_multiboot2")
     # Xen's own word on B.
     assert console_load_base(efi_boot.gdb, efi_boot.lab) == base
 
 
 @pytest.mark.parametrize("build", MAP_ONLY_BUILDS, ids=lambda n: f"xen{n}")
 def test_efi_map_build_boots_and_locates_with_the_console_base(build):
-    """A build with only xen.efi's .map (4.17): its xen.efi boots from OVMF; B comes from
-    Xen's console and the PE headers at B name efi_start as the entry."""
+    """A build with only xen.efi's .map (4.17): its xen.efi boots from OVMF to __start_xen
+    (at its linked address, from the map), where xen_phys_start holds B; Xen's console
+    says the same B; the PE headers at B name efi_start as the entry."""
     xen_build = need_build(build)
+    emap = load_xen_syms(xen_build.efi_map)
     config = LabConfig(xen_image=xen_build.efi, xen_syms=xen_build.efi_map, memory_mb=1024,
                        efi=True)
     with lab_session(config, xen_build.efi_map) as (lab, gdb):
-        gdb.execute("monitor cont")   # no breakpoint: let the firmware and Xen run
-        base = int(lab.wait_for_serial(XEN_LOAD_BASE_RE, timeout=BOOT_TIMEOUT_S).group(1), 16)
-        gdb.execute("monitor stop")
+        gdb.execute(f"tbreak *{emap.linked_va('__start_xen'):#x}")
+        gdb.execute("continue", timeout=BOOT_TIMEOUT_S)
+        assert int(gdb.execute("p/x $pc").out.split("=")[1], 16) == emap.linked_va("__start_xen")
+        stored = int(gdb.execute(f"x/gx {emap.linked_va('xen_phys_start'):#x}").out.split()[-1], 16)
+        # In this build __start_xen prints the line just before it calls early_cpu_init
+        # (the map has no code to find the printk in).
+        gdb.execute(f"tbreak *{emap.linked_va('early_cpu_init'):#x}")
+        gdb.execute("continue", timeout=BOOT_TIMEOUT_S)
+        base = int(lab.wait_for_serial(XEN_LOAD_BASE_RE, timeout=120).group(1), 16)
+        assert stored == base
         loc = gdb.execute(f"xen-locate --base {base:#x} --json").json()
         assert loc["load_base"] == base and loc["verified"] is None
         assert loc["pe"]["image_base"] == base and loc["pe"]["entry_matches"] is True
