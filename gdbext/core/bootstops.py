@@ -50,9 +50,15 @@ from .merge_catalog import CHECK_IDS, CHECKS_AT_STOP, FAIL, STATUSES
 
 # -- stop names (the shared contract) ------------------------------------------
 
-from .stopnames import (AFTER_START_XEN, CALL, EFI_MB2, EFI_RETURN,  # noqa: F401,E402
-                        ENTRY, HIGH_START, L2_XENMAP_FILLED, MERGE, START_XEN, STOP_ORDER,
-                        SWITCH, TABLES_RELOCATED, TRAMPOLINE_CR3, TRAMPOLINE_SETUP)
+from .stopnames import (AFTER_START_XEN, CALL, EFI_CR3, EFI_MB2,  # noqa: F401,E402
+                        EFI_RELOCATED, EFI_RETURN, EFI_SELF_RELOCATE, EFI_START,
+                        EFI_STOP_ORDER, ENTRY, HIGH_START, L2_XENMAP_FILLED,
+                        MERGE, START_XEN, STOP_ORDER, SWITCH, TABLES_RELOCATED,
+                        TRAMPOLINE_CR3, TRAMPOLINE_SETUP)
+
+# The function xen.efi calls from efi_start, last with XEN_VIRT_START - B: it moves every
+# relocated qword back (static pointers to linked VAs, boot-table entries to link + B).
+EFI_RELOCATE_IMAGE = "efi_arch_relocate_image"
 
 # The u64 in which efi_multiboot2 (or the 32-bit path) records the trampoline's
 # low-memory copy.
@@ -135,6 +141,38 @@ def find_call_rel32(code: bytes, va: int, target: int) -> Optional[int]:
     for insn in x86decode.iter_decode(code, va, 64):
         if insn.is_call and insn.branch_target == target:
             return insn.address
+    return None
+
+
+def direct_call_targets(code: bytes, va: int, is_function: Callable[[int], bool]) -> List[int]:
+    """Targets of the direct calls in ``code`` (64-bit, at ``va``) that ``is_function``
+    accepts (a function symbol's start), in code order, each once."""
+    out: List[int] = []
+    for insn in x86decode.iter_decode(code, va, 64):
+        tgt = insn.branch_target
+        if insn.is_call and tgt is not None and tgt not in out and is_function(tgt):
+            out.append(tgt)
+    return out
+
+
+def find_call_via(syms, code: bytes, va: int, target: int) -> Optional[Tuple[int, Optional[str]]]:
+    """Where ``target`` is called from the code at ``va``: (call VA, None) for a direct
+    call, else (call VA inside the callee, callee's name) for a function the code calls
+    that itself calls ``target`` (Xen 4.20's entry calls the C efi_multiboot2_prelude,
+    which calls efi_multiboot2); None when neither is found."""
+    direct = find_call_rel32(code, va, target)
+    if direct is not None:
+        return direct, None
+
+    def sized_function(tgt: int) -> bool:
+        hit = syms.symbol_at(tgt)
+        return hit is not None and hit[1] == 0 and (syms.lookup(hit[0]).size or 0) > 0
+
+    for callee_va in direct_call_targets(code, va, sized_function):
+        callee = syms.lookup(syms.symbol_at(callee_va)[0])
+        inner = find_call_rel32(syms.read_linked(callee_va, callee.size), callee_va, target)
+        if inner is not None:
+            return inner, callee.name
     return None
 
 
@@ -264,6 +302,12 @@ class StopPlan:
     trampoline_size: Optional[int] = None           # trampoline_end - trampoline_start
     relocation_loop: Optional[Tuple[int, int]] = None  # linked VAs [start, after)
     l2_xenmap_fill: Optional[Tuple[int, int]] = None
+    order: Tuple[str, ...] = STOP_ORDER    # the names of this path (EFI_STOP_ORDER: xen.efi)
+
+    @property
+    def entry(self) -> BootStop:
+        """The first stop: where the boot loader (or the firmware) enters Xen."""
+        return self.stops[0]
 
     def names(self) -> List[str]:
         return [s.name for s in self.stops]
@@ -296,14 +340,14 @@ class StopPlan:
     def select(self, stops: Optional[Iterable[str]] = None,
                skip: Optional[Iterable[str]] = None) -> List[BootStop]:
         """The stops to plant, in boot order. Unknown names raise one line naming them."""
-        known = set(STOP_ORDER)
+        known = set(self.order)
         want = [stop_name(n) for n in _norm_names(stops)] if stops is not None else None
         drop = [stop_name(n) for n in _norm_names(skip)] if skip is not None else []
         bad = [n for n in (want or []) + drop if n not in known]
         if bad:
             raise GdbextError(
                 f"unknown stop {', '.join(repr(b) for b in bad)}; stops are: "
-                + ", ".join(STOP_ORDER))
+                + ", ".join(self.order))
         missing = [n for n in (want or []) if self.get(n) is None]
         if missing:
             raise GdbextError(
@@ -326,7 +370,7 @@ def typed_stop_name(name: str) -> str:
 
 def stop_name(typed: str) -> str:
     """The stop a user means by ``typed``: its name, or its one-word form."""
-    for name in STOP_ORDER:
+    for name in STOP_ORDER + EFI_STOP_ORDER:
         if typed == typed_stop_name(name):
             return name
     return typed
@@ -407,12 +451,19 @@ class _PlanBuilder:
         else:
             self.notes.append(f"no RFC merge in {ENTRY} (no mov %cr3,%rsi / mov %rax,%cr3 / "
                               "call *%rax): this build calls efi_multiboot2 at its load address")
-            call_va = find_call_rel32(entry_code, entry_va, efi_va)
+            site = find_call_via(syms, entry_code, entry_va, efi_va)
+            call_va = site[0] if site is not None else None
             call_len = _next_insn(syms, call_va, 64) - call_va if call_va is not None else 0
-            if call_va is None:
-                self.notes.append(f"no call of efi_multiboot2 found in {ENTRY}")
-            else:
+            if site is None:
+                self.notes.append(f"no call of efi_multiboot2 found in {ENTRY} nor in a "
+                                  "function it calls")
+            elif site[1] is None:
                 self.add(CALL, LOAD, call_va, "the call of efi_multiboot2 (at its load address)")
+            else:
+                self.notes.append(f"{ENTRY} calls {site[1]}, which calls efi_multiboot2: the "
+                                  f"call and return stops are inside {site[1]}")
+                self.add(CALL, LOAD, call_va, f"the call of efi_multiboot2 in {site[1]}, "
+                         f"called by {ENTRY} (at its load address)")
             self.add(EFI_MB2, LOAD, efi_va,
                      "efi_multiboot2 at its load address, firmware's tables")
         if call_va is not None:
@@ -494,8 +545,60 @@ def plan_for(syms) -> StopPlan:
     return plan
 
 
+def _efi_start_code(syms) -> Tuple[int, bytes]:
+    """efi_start's linked VA and bytes (to the next symbol: xen.efi's ELF has no sizes)."""
+    va = syms.linked_va(EFI_START)
+    size = syms.lookup(EFI_START).size or (_next_symbol_va(syms, va) - va)
+    return va, syms.read_linked(va, size)
+
+
+def build_efi_plan(syms) -> StopPlan:
+    """The stop plan of xen.efi started by the firmware (symbols of xen.efi's own layout:
+    its ELF twin), from the symbols and efi_start's decoded code: the entry; the last
+    call of efi_arch_relocate_image (delta XEN_VIRT_START - B, after ExitBootServices:
+    the self-relocation; an earlier call with delta 0 changes none of the relocated
+    qwords) and its return; just after the ``mov %reg,%cr3`` that follows it (Xen's
+    idle_pg_table); __start_xen."""
+    for needed in (EFI_START, START_XEN):
+        if needed not in syms:
+            raise GdbextError(f"{syms.path}: no {needed} symbol: not the symbols of xen.efi")
+    if not hasattr(syms, "read_linked"):
+        raise GdbextError(f"{syms.path} is an nm-format map: the stop plan of xen.efi's path "
+                          "decodes efi_start's code; load xen.efi's ELF twin (xen-*.efi.elf)")
+    b = _PlanBuilder(syms)
+    entry_va, code = _efi_start_code(syms)
+    b.add(EFI_START, LOAD, entry_va, "xen.efi's PE entry: the firmware's tables; static "
+          "pointers hold load addresses (the firmware applied the base relocations)")
+    relocate_va = syms.linked_va(EFI_RELOCATE_IMAGE) if EFI_RELOCATE_IMAGE in syms else None
+    insns = list(x86decode.iter_decode(code, entry_va, 64))
+    calls = [i for i in insns if relocate_va is not None and i.is_call
+             and i.branch_target == relocate_va]
+    if not calls:
+        b.notes.append(f"no direct call of {EFI_RELOCATE_IMAGE} in {EFI_START}: no stops at "
+                       "the self-relocation")
+    else:
+        b.add(EFI_SELF_RELOCATE, LOAD, calls[-1].address,
+              f"the call of {EFI_RELOCATE_IMAGE}(XEN_VIRT_START - B), after ExitBootServices")
+        b.add(EFI_RELOCATED, LOAD, calls[-1].next_address,
+              "back from the self-relocation: static pointers hold linked VAs again, the "
+              "boot tables' entries link + B")
+    after = calls[-1].address if calls else entry_va
+    load = next((i for i in insns if i.address > after and x86decode.K_MOV_TO_CR3 in i.kinds),
+                None)
+    if load is None:
+        b.notes.append(f"no mov to %cr3 found in {EFI_START} after the self-relocation")
+    else:
+        b.add(EFI_CR3, LOAD, load.next_address,
+              "just after the switch to Xen's own idle_pg_table (still at the load address)")
+    b.add(START_XEN, LINKED, syms.linked_va(START_XEN), "Xen's C entry, at its linked address")
+    return StopPlan(b.stops, False, None, b.notes, order=EFI_STOP_ORDER)
+
+
 def build_plan(syms) -> StopPlan:
-    """The stop plan of this build, from its symbols and bytes."""
+    """The stop plan of this build, from its symbols and bytes: GRUB's multiboot2+EFI path
+    for xen-syms, the firmware's own for xen.efi's layout (build_efi_plan)."""
+    if getattr(syms, "efi_layout", False):
+        return build_efi_plan(syms)
     for needed in (ENTRY, EFI_MB2, SWITCH, TRAMPOLINE_SETUP):
         if needed not in syms:
             raise GdbextError(f"{syms.path}: no {needed} symbol: not a multiboot2+EFI x86 Xen "
@@ -527,7 +630,9 @@ def where_in_boot(syms, load_base: Optional[int], rip: int,
     path).  In the trampoline's low copy (``trampoline_phys`` given):
     "trampoline".  At linked VAs: "__high_start" (x86_64.S up to the call),
     "__start_xen", "efi_multiboot2" for the EFI boot code (RFC builds call it
-    there), and anything else in the image as "after __start_xen".
+    there), and anything else in the image as "after __start_xen".  For xen.efi's
+    layout (the firmware started it) the code at the load address is "efi_start"
+    (the EFI boot code it runs before __start_xen).
     """
     if trampoline_phys is not None and "trampoline_start" in syms and "trampoline_end" in syms:
         size = syms.linked_va("trampoline_end") - syms.linked_va("trampoline_start")
@@ -543,6 +648,8 @@ def where_in_boot(syms, load_base: Optional[int], rip: int,
 
 
 def _load_stretch(syms, va: int) -> str:
+    if getattr(syms, "efi_layout", False):
+        return EFI_START
     hit = syms.symbol_at(va)
     sym = syms.lookup(hit[0]) if hit else None
     if sym is None or not (sym.file or "").endswith("head.o"):

@@ -55,6 +55,7 @@ VERDICT_COLOUR = {
     xenimage.RELOCATED_TWICE: "#8e2bbf",
     xenimage.FOREIGN: "#e07b00",
     xenimage.ABSOLUTE: "#137a8a",
+    xenimage.PE_RELOCATED: "#b0a000",
     NOT_JUDGED: "#555555",
 }
 VERDICT_TEXT = {
@@ -63,6 +64,8 @@ VERDICT_TEXT = {
     xenimage.RELOCATED_TWICE: "relocated twice (link value + 2B)",
     xenimage.FOREIGN: "foreign (neither; or written at run time)",
     xenimage.ABSOLUTE: "absolute (never relocated, as intended)",
+    xenimage.PE_RELOCATED: "PE-relocated (link value + B - ImageBase: xen.efi before "
+                           "its self-relocation)",
     NOT_JUDGED: "not a Xen table entry: not judged",
 }
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import bootstops, merge_catalog
-from .bootstops import ENTRY, LOW, STOP_ORDER, BootStop, where_in_boot
+from .bootstops import LOW, STOP_ORDER, BootStop, where_in_boot
 
 # Registers every stop record carries.
 STOP_REGISTERS = ("rip", "rsp", "cr0", "cr3", "cr4", "efer")
@@ -67,7 +67,7 @@ class SessionBook:
         """A stop planted only to learn trampoline_phys: when the trampoline's stop
         is wanted and no wanted stop lies between efi_multiboot2's return and it."""
         low = [s for s in self.selected if s.kind == LOW]
-        if not low:
+        if not low or bootstops.EFI_MB2 not in self.plan.order:
             return []
         after = STOP_ORDER.index(bootstops.EFI_MB2)
         before = STOP_ORDER.index(low[0].name)
@@ -90,7 +90,7 @@ class SessionBook:
         pending (their address is not known yet).  Records them as planted."""
         new, pending = [], []
         for stop in self.selected + self.helpers:
-            if stop.name == ENTRY:
+            if stop is self.plan.entry:
                 continue
             addr = stop.address(self.load_base, self.trampoline_phys)
             if addr is None:
@@ -108,6 +108,8 @@ class SessionBook:
         return self.stop_by_address.get(rip)
 
     def after_efi_multiboot2(self, stop: BootStop) -> bool:
+        if stop.name not in STOP_ORDER:   # xen.efi's path: no efi_multiboot2
+            return False
         return STOP_ORDER.index(stop.name) > STOP_ORDER.index(bootstops.EFI_MB2)
 
     def registers_for(self, stop: BootStop) -> Tuple[str, ...]:
@@ -152,7 +154,7 @@ class SessionBook:
         if not self.selected:
             return False
         if not self.records:
-            return any(s.name != ENTRY for s in self.selected)
+            return any(s is not self.plan.entry for s in self.selected)
         return self.records[-1]["stop"] != self.selected[-1].name
 
     def next_name(self) -> str:

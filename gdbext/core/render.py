@@ -66,7 +66,7 @@ def to_json(obj: object) -> str:
 ANSI_RESET = "\x1b[0m"
 _GOOD, _BAD, _WARN, _DIM = "\x1b[32m", "\x1b[1;31m", "\x1b[33m", "\x1b[2m"
 _HIGHLIGHT = re.compile(
-    r"(?<![\w-])(PASS|FAIL|WARN|SKIP|MISMATCH|relocated-twice|unrelocated|relocated|foreign|"
+    r"(?<![\w-])(PASS|FAIL|WARN|SKIP|MISMATCH|relocated-twice|pe-relocated|unrelocated|relocated|foreign|"
     r"not present|not mapped|faults?|#[A-Z]{2}|error|warning)(?![\w-])")
 _COLOUR = {"PASS": _GOOD, "relocated": _GOOD, "WARN": _WARN, "warning": _WARN,
            "SKIP": _DIM, "foreign": _WARN}

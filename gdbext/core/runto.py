@@ -31,6 +31,9 @@ VERIFY_BYTES = xenimage.CODE_VERIFY_BYTES
 # How many of the likeliest load bases get a breakpoint (see the module doc).
 TOP_CANDIDATES = 32
 SENTINEL_SYMBOL = "__high_start"
+# xen.efi (started by the firmware at efi_start) has no __high_start on its path: from
+# efi_start's code it switches to its own tables and jumps to __start_xen.
+EFI_SENTINEL_SYMBOL = "__start_xen"
 # Below 4 GiB: GRUB's multiboot2 loader places the image under the tag's max_addr.
 LOW_4G = 1 << 32
 
@@ -69,12 +72,19 @@ def ram_top_below_4g(main_ram: Sequence[Tuple[int, int]]) -> int:
     return max(tops) if tops else LOW_4G
 
 
+def sentinel_symbol(syms) -> str:
+    """The first code at the linked address, where a missed load-address stop is noticed:
+    __high_start on the multiboot2 path, __start_xen for xen.efi's layout."""
+    return EFI_SENTINEL_SYMBOL if getattr(syms, "efi_layout", False) else SENTINEL_SYMBOL
+
+
 def plan(syms, symbol: str, bases: Sequence[int], with_sentinel: bool = True) -> RunToPlan:
     """Breakpoints for ``symbol`` assuming one of ``bases`` (and at its linked VA)."""
     linked = syms.linked_va(symbol)
     offset = syms.offset(symbol)
-    sentinel = (syms.linked_va(SENTINEL_SYMBOL)
-                if with_sentinel and SENTINEL_SYMBOL in syms else None)
+    sentinel_name = sentinel_symbol(syms)
+    sentinel = (syms.linked_va(sentinel_name)
+                if with_sentinel and sentinel_name in syms else None)
     return RunToPlan(symbol, linked, offset, syms.read_linked(linked, VERIFY_BYTES), sentinel,
                      {b + offset: b for b in bases})
 
@@ -84,6 +94,9 @@ def first_plan(syms, symbol: str, load_base: Optional[int], main_ram) -> RunToPl
     if load_base is not None:
         return plan(syms, symbol, [load_base])
     top = ram_top_below_4g(main_ram)
+    # The firmware's PE loader (xen.efi) allocates top-down too, but below what it uses
+    # itself: a miss costs one more boot (the sentinel learns B), and planting every one
+    # of the hundreds of 2 MiB bases would slow the whole boot far more (module doc).
     return plan(syms, symbol, syms.load_base_candidates(top)[:TOP_CANDIDATES])
 
 

@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from . import x86
 from .errors import GdbextError, MemoryReadError
 from .multiboot2 import MB2_HEADER_MAGIC, MBI_TAG_LOAD_BASE_ADDR, is_header, mbi_tags
+from .xenefi import codeview_build_id
 from .xensyms import XEN_PHYS_START_SYMBOL
 
 RELOCATED = "relocated"
@@ -38,7 +39,11 @@ RELOCATED_TWICE = "relocated-twice"
 FOREIGN = "foreign"
 ABSOLUTE = "absolute"
 NOT_PRESENT = "not-present"
-POINTER_CLASSES = (RELOCATED, UNRELOCATED, RELOCATED_TWICE, FOREIGN, ABSOLUTE, NOT_PRESENT)
+# xen.efi before its self-relocation: the firmware's PE loader added B - ImageBase
+# (ImageBase = XEN_VIRT_START) to every base relocation, the boot tables' entries included.
+PE_RELOCATED = "pe-relocated"
+POINTER_CLASSES = (RELOCATED, UNRELOCATED, RELOCATED_TWICE, FOREIGN, ABSOLUTE, NOT_PRESENT,
+                   PE_RELOCATED)
 
 # The L4 Xen boots from (CR3 once Xen runs); a merged root (the RFC's
 # efi_l4_bootmap) copies its upper half.
@@ -70,8 +75,14 @@ class EntryVerdict:
 
 
 def classify_pointer(found_addr: int, link_addr: int, load_base: int,
-                     absolute: bool = False) -> str:
-    """Classify a pointer's address part against its link-time address part."""
+                     absolute: bool = False, pe_delta: Optional[int] = None,
+                     addr_mask: int = x86.phys_addr_mask(x86.MAXPHYADDR_ARCH)) -> str:
+    """Classify a pointer's address part against its link-time address part.
+
+    ``pe_delta`` (xen.efi's layout: B - XEN_VIRT_START, mod 2**64) also recognises an
+    entry the firmware's PE loader relocated as it relocates every pointer of the image
+    (the address part of link + pe_delta): what xen.efi's tables hold from efi_start
+    until its self-relocation (efi_arch_relocate_image) makes them link + B."""
     if absolute:
         return ABSOLUTE if found_addr == link_addr else FOREIGN
     if link_addr == 0:
@@ -82,7 +93,36 @@ def classify_pointer(found_addr: int, link_addr: int, load_base: int,
         return UNRELOCATED
     if found_addr == link_addr + 2 * load_base:
         return RELOCATED_TWICE
+    if pe_delta is not None and found_addr == (link_addr + pe_delta) % (1 << 64) & addr_mask:
+        return PE_RELOCATED
     return FOREIGN
+
+
+# Static pointers (a qword of Xen's data holding a linked VA, a PE base relocation's site
+# in xen.efi): what they hold on the way. On GRUB's multiboot2 path nothing relocates
+# them: they hold linked VAs throughout. On xen.efi's path the firmware's PE loader
+# applied the base relocations for the load address B (ImageBase = XEN_VIRT_START), so
+# they hold load addresses (B + offset of the target) until Xen relocates itself back
+# (efi_arch_relocate_image(XEN_VIRT_START - B), just before it switches to its own tables).
+STATIC_LINKED = "linked VA"
+STATIC_LOAD_ADDRESS = "load address"
+STATIC_FOREIGN = "foreign"
+
+
+def static_pointer_class(found: int, link_value: int, load_base: int, virt_start: int) -> str:
+    """Which of the two a static pointer holds: its linked VA (``link_value``, the ELF's
+    qword), or the load address of the same target (what the PE loader makes of it)."""
+    if found == link_value:
+        return STATIC_LINKED
+    if found == (link_value - virt_start + load_base) % (1 << 64):
+        return STATIC_LOAD_ADDRESS
+    return STATIC_FOREIGN
+
+
+def expected_static_pointer_class(efi_path: bool, relocated_back: bool) -> str:
+    """What a static pointer should hold: load addresses on xen.efi's path until Xen's
+    self-relocation, linked VAs otherwise."""
+    return STATIC_LOAD_ADDRESS if efi_path and not relocated_back else STATIC_LINKED
 
 
 class LoadedXen:
@@ -92,6 +132,9 @@ class LoadedXen:
         self.syms = syms
         self.load_base = load_base
         self.virt_start = syms.virt_start
+        # xen.efi's layout: what the firmware's PE loader adds to each relocated qword.
+        self.pe_delta = ((load_base - syms.virt_start) % (1 << 64)
+                         if getattr(syms, "efi_layout", False) else None)
         # The loaded image: [B + offset(_start), B + offset(_end)).
         self.image_pa_start = load_base + syms.offset(syms.image_start)
         self.image_pa_end = load_base + syms.offset(syms.image_end)
@@ -150,7 +193,8 @@ class LoadedXen:
         if not found & x86.PTE_P:
             kind = NOT_PRESENT
         else:
-            kind = classify_pointer(found_addr, link_addr, self.load_base, absolute)
+            kind = classify_pointer(found_addr, link_addr, self.load_base, absolute,
+                                    self.pe_delta, addr_mask)
         expected = link_addr if absolute or not link_addr else link_addr + self.load_base
         entry_pa = self.pa(table) + 8 * index
         return EntryVerdict(table, index, entry_pa, found, link, kind, found_addr, expected)
@@ -235,7 +279,9 @@ def build_id_in_memory(mem, syms, load_base: int) -> Optional[bytes]:
     if span is None:
         return None
     va, size = span
-    return parse_build_id_note(mem.read_phys(load_base + syms.offset(va), size))
+    raw = mem.read_phys(load_base + syms.offset(va), size)
+    # xen.efi keeps its build-id as a PE CodeView record in the same span (core/xenefi).
+    return parse_build_id_note(raw) or codeview_build_id(raw)
 
 
 @dataclass(frozen=True)

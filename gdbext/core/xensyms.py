@@ -37,6 +37,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from gdbext import paths
 from gdbext.core.errors import GdbextError
+from gdbext.core.xenefi import EFI_BUILD_ID_SECTION, codeview_build_id
 from gdbext.core.multiboot2 import (MB2_LOAD_PREFERENCE_LOW, MB2_SEARCH_BYTES, Multiboot2Header,
                                      header_in_image)
 
@@ -414,7 +415,12 @@ class XenSymbols(_SymbolTable):
         self._mb2_done = False
         names = {s.qualname for s in symbols}
         missing = [n for n in (IMAGE_START_SYMBOL, IMAGE_END_SYMBOL) if n not in names]
-        if not any(n in names for n in VIRT_START_SYMBOLS):
+        # xen.efi's ELF twin (xen-*.efi.elf) has no __image_base__ (the PE ImageBase is not
+        # a symbol) but the PE's .buildid section: XEN_VIRT_START = _start - XEN_IMG_OFFSET,
+        # as for xen.efi's .map. Its layout is xen.efi's (the firmware's PE loader places
+        # it), not xen-syms'.
+        self.efi_layout = any(sec.name == EFI_BUILD_ID_SECTION for sec in self.sections)
+        if not any(n in names for n in VIRT_START_SYMBOLS) and not self.efi_layout:
             missing.insert(0, VIRT_START_SYMBOLS[-1])
         if missing:
             raise XenSymsError(
@@ -427,6 +433,9 @@ class XenSymbols(_SymbolTable):
                 self.virt_start = self.symbols[n].value
                 self.virt_start_source = n
                 break
+        else:
+            self.virt_start = self.image_start - XEN_IMG_OFFSET
+            self.virt_start_source = f"{IMAGE_START_SYMBOL} - XEN_IMG_OFFSET"
         # version: "4.17.7" as Xen prints it; version_info: the pieces, e.g.
         # compile_system_version "4.17.7+13-g2445b30a44-0+deb12u1" (Debian).
         self.version_info: Dict[str, str] = (
@@ -486,6 +495,8 @@ class XenSymbols(_SymbolTable):
                     )
                     if build_id is None and sec["sh_type"] == "SHT_NOTE":
                         build_id = _build_id_from_notes(sec.iter_notes())
+                    if build_id is None and sec.name == EFI_BUILD_ID_SECTION:
+                        build_id = codeview_build_id(sec.data())  # xen.efi's ELF twin
                     if isinstance(sec, SymbolTableSection) and (
                         symtab is None or sec.name == ".symtab"
                     ):
@@ -821,6 +832,8 @@ class XenMapSymbols(_SymbolTable):
             else:
                 self.virt_start = self.image_start - XEN_IMG_OFFSET
                 self.virt_start_source = f"{IMAGE_START_SYMBOL} - XEN_IMG_OFFSET"
+        # Only xen.efi's map lacks __image_base__ (its ImageBase is no symbol).
+        self.efi_layout = not any(n in self.symbols for n in VIRT_START_SYMBOLS)
 
 
 def _parse_map_text(path: Path, text: str) -> List[XenSymbol]:

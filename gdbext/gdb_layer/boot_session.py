@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 import gdb
 
 from ..core import bootstops, render, x86
-from ..core.bootstops import ENTRY, LOW, BootStop, TablesSnapshot, diff_snapshots
+from ..core.bootstops import LOW, BootStop, TablesSnapshot, diff_snapshots
 from ..core.memory import qwords
 from ..core.errors import GdbextError, MemoryReadError
 from ..core.mb2session import VERIFY_BYTES, SessionBook, SessionOptions, failed
@@ -154,7 +154,7 @@ class BootSession:
         regs = self._registers(stop)
         snap = self._snapshot(regs.get("cr3", 0))
         firmware_error = None
-        if stop.name == ENTRY:
+        if stop is self.plan.entry:
             try:
                 remember_firmware(self.ctx)   # F, for the checks at the later stops
             except GdbextError as err:
@@ -183,13 +183,13 @@ class BootSession:
         at_entry = base is not None and rip == entry.address(base)
         if not at_entry:
             # Past the entry in this boot, run_to says so and boots again first.
-            run_to(ctx, ENTRY, timeout, who=self.who, announce=announce)
+            run_to(ctx, entry.name, timeout, who=self.who, announce=announce)
         self.book.load_base = ctx.xen.load_base
         self.xen = LoadedXen(self.syms, self.book.load_base)
         t.invalidate()
         record = self.at_stop(t.read_register("rip"))
         if record is None and self.book.wanted(entry):
-            raise GdbextError("stopped at __efi64_mb2_start's address but the bytes there "
+            raise GdbextError(f"stopped at {entry.name}'s address but the bytes there "
                               "are not this xen-syms' (wrong xen-syms?)")
         self.pending = self.plant()
         return record

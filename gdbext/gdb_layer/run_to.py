@@ -65,23 +65,24 @@ def run_to(ctx, symbol: str, timeout: float, load_base: Optional[int] = None,
         if hit == runto.HIT_TARGET:
             break
         # Xen is past its load-address code: learn B from what trampoline_setup stored.
+        sentinel = runto.sentinel_symbol(syms)
         base = runto.missed_base_from(
             ctx.bytes_at(syms.linked_va("xen_phys_start"), 8))
         if not base:
-            raise GdbextError(f"Xen reached {runto.SENTINEL_SYMBOL} without stopping at "
+            raise GdbextError(f"Xen reached {sentinel} without stopping at "
                               f"{symbol}, and xen_phys_start cannot be read")
-        ctx.set_load_base(base, f"xen_phys_start at {runto.SENTINEL_SYMBOL}")
+        ctx.set_load_base(base, f"xen_phys_start at {sentinel}")
         if not runto.runs_only_at_load_address(syms, symbol):
             # It runs at its linked address from here on: wait for that alone.
             p = runto.plan(syms, symbol, [], with_sentinel=False)
             continue
         guessed = base in p.base_by_address.values()
-        why = (f"Xen reached {runto.SENTINEL_SYMBOL} without executing {symbol} at "
+        why = (f"Xen reached {sentinel} without executing {symbol} at "
                f"{base + p.offset:#x}: it had run before the breakpoint was planted" if guessed
                else f"load base {base:#x} was not among the {p.candidates} likeliest")
         if not allow_reset or resets:
             raise GdbextError(
-                f"missed {symbol}: {why}; Xen is now at {runto.SENTINEL_SYMBOL}. Reset the "
+                f"missed {symbol}: {why}; Xen is now at {sentinel}. Reset the "
                 f"machine and run 'xen-run-to {symbol} --base {base:#x}'")
         _reset(ctx, who, why, announce)
         resets += 1

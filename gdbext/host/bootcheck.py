@@ -34,7 +34,7 @@ from elftools.elf.elffile import ELFFile
 
 from .. import paths
 from ..core import junit
-from ..core import bootstops
+from ..core import bootstops, xenefi
 from ..core.bootstops import START_XEN
 from ..core.errors import GdbextError
 from ..core.xensyms import load_xen_syms
@@ -97,15 +97,23 @@ def _positive(text: str) -> float:
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description="Boot a Xen build in the lab (or attach to a QEMU you "
-        "started), run the __efi64_mb2_start session of xen-mb2-break in batch, and write "
-        "a JSON report and JUnit XML for CI.",
+        "started), run the __efi64_mb2_start session of xen-mb2-break in batch (with --efi: "
+        "xen.efi started by the firmware, from efi_start), and write a JSON report and "
+        "JUnit XML for CI.",
         epilog="Exit status: 0 all checks passed, 1 a check failed, 2 the run could not be done.")
     target = p.add_argument_group("what to boot or attach to")
+    target.add_argument("--build", choices=sorted(paths.BUILDS),
+                        help=f"boot this Debian build and check it with its xen-syms "
+                             f"(default {paths.DEFAULT_BUILD})")
     target.add_argument("--xen", type=Path, metavar="IMAGE",
-                        help="the multiboot2 Xen image GRUB boots (xen.gz or the ELF32 xen); "
-                             "default Debian's 4.17 when booting the lab")
+                        help="the multiboot2 Xen image GRUB boots (xen.gz or the ELF32 xen), "
+                             "or with --efi xen.efi; default Debian's 4.17 when booting the lab")
+    target.add_argument("--efi", action="store_true",
+                        help="boot xen.efi directly from OVMF (no GRUB) and run the stops of "
+                             "that path (efi_start .. __start_xen); with --build, the build's "
+                             "xen.efi and the symbols of its layout (its xen-*.efi.elf)")
     target.add_argument("--xen-syms", type=Path, metavar="FILE",
-                        help="xen-syms of that image (default Debian's 4.17)")
+                        help="xen-syms of that image (default: the build's)")
     target.add_argument("--connect", type=parse_connect, metavar="HOST:PORT",
                         help="attach to a QEMU you started with -gdb tcp:HOST:PORT -S instead "
                              "of booting the lab (HOST defaults to 127.0.0.1)")
@@ -150,12 +158,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--assume-relocated qualifies --predict: give both")
     if args.memory < 64:
         p.error(f"-m {args.memory}: Xen needs at least 64 MiB")
+    if args.efi and args.predict:
+        p.error("--predict judges the RFC's merge on the multiboot2 path: not with --efi")
+    try:
+        image, args.xen_syms = paths.image_and_syms(args.build, args.xen, args.xen_syms,
+                                                    efi=args.efi)
+    except ValueError as e:
+        p.error(str(e))
     if args.xen_syms is None:
-        if args.xen is not None:
-            p.error("--xen needs the matching --xen-syms (Debian's would not match your image)")
-        args.xen_syms = paths.XEN_DEBIAN_SYMS
+        p.error("--xen needs the matching --xen-syms (Debian's would not match your image)")
     if args.xen is None and args.connect is None:
-        args.xen = paths.XEN_DEBIAN_IMAGE
+        args.xen = image
     return args
 
 
@@ -198,13 +211,19 @@ def planned_stops(args: argparse.Namespace) -> List[str]:
 
 def image_build_id(path: Path) -> Optional[bytes]:
     """The GNU build-id note of the Xen image GRUB loads (xen.gz: gzip of an ELF32
-    made by mkelf32 that carries xen-syms' note), or None if it has none."""
+    made by mkelf32 that carries xen-syms' note), or xen.efi's (the CodeView signature
+    in its .buildid), or None if it has none."""
     try:
         data = Path(path).read_bytes()
         if data[:2] == GZIP_MAGIC:
             data = gzip.decompress(data)
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise RunError(f"cannot read the Xen image {path}: {getattr(e, 'strerror', None) or e}") from None
+    if xenefi.is_pe(data[:4096]):
+        try:
+            return xenefi.file_build_id(data)
+        except GdbextError as e:
+            raise RunError(f"{path}: {e}") from None
     if data[:4] != ELF_MAGIC:
         raise RunError(f"{path} is not a Xen multiboot image (neither gzip nor ELF): "
                        "pass the xen.gz GRUB boots with --xen")
@@ -219,6 +238,19 @@ def image_build_id(path: Path) -> Optional[bytes]:
     except ELFError as e:
         raise RunError(f"{path}: corrupt ELF inside the Xen image ({e})") from None
     return None
+
+
+def efi_plan_check(xen_syms: Path) -> None:
+    """--efi: the symbols must be of xen.efi's layout and carry its bytes (the plan of
+    that path decodes efi_start), else RunError (exit 2) before anything boots."""
+    syms = load_xen_syms(xen_syms)
+    if not getattr(syms, "efi_layout", False):
+        raise RunError(f"--efi: {xen_syms} is not laid out as xen.efi (xen-syms' sections "
+                       "sit elsewhere): pass xen.efi's ELF twin, xen-*.efi.elf")
+    try:
+        bootstops.build_plan(syms)
+    except GdbextError as e:
+        raise RunError(f"--efi: {e}") from None
 
 
 def static_build_id_check(image: Path, xen_syms: Path) -> dict:
@@ -271,12 +303,14 @@ class BootCheck:
         args = self.args
         _check_file(args.xen_syms, "xen-syms")
         _check_file(args.xen, "the Xen image")
+        if args.efi:
+            efi_plan_check(args.xen_syms)
         if args.xen is not None:
             self.report["build_id"] = static_build_id_check(args.xen, args.xen_syms)
         try:
             if args.connect is None:
                 self.lab = Lab(LabConfig(xen_image=args.xen, xen_syms=args.xen_syms,
-                                         memory_mb=args.memory))
+                                         memory_mb=args.memory, efi=args.efi))
                 self.lab.start()
                 target = self.lab.gdb_target
                 self.report["lab"] = {"pid": self.lab.pid, "workdir": str(self.lab.workdir),

@@ -54,14 +54,23 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--interactive", action="store_true",
                    help="leave me at the GDB prompt at __efi64_mb2_start")
-    p.add_argument("--xen", type=Path, default=paths.XEN_DEBIAN_IMAGE, metavar="IMAGE",
-                   help="the multiboot2 Xen image to boot (default: Debian's 4.17)")
-    p.add_argument("--xen-syms", type=Path, default=paths.XEN_DEBIAN_SYMS, metavar="FILE",
-                   help="xen-syms matching IMAGE (default: Debian's 4.17)")
+    p.add_argument("--build", choices=sorted(paths.BUILDS),
+                   help=f"the Debian build to boot (default {paths.DEFAULT_BUILD})")
+    p.add_argument("--xen", type=Path, metavar="IMAGE",
+                   help="the multiboot2 Xen image to boot (instead of --build)")
+    p.add_argument("--xen-syms", type=Path, metavar="FILE",
+                   help="xen-syms matching IMAGE (default: the build's)")
     p.add_argument("-m", "--memory", type=int, default=1024, metavar="MB")
     p.add_argument("--timeout", type=float, default=240.0, metavar="S",
                    help="give up if Xen has not reached its entry after S seconds")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.xen, args.xen_syms = paths.image_and_syms(args.build, args.xen, args.xen_syms)
+    except ValueError as e:
+        p.error(str(e))
+    if args.xen_syms is None:
+        p.error("--xen needs the matching --xen-syms (the demo reads Xen's symbols)")
+    return args
 
 
 def run_gdb_at_terminal(cmd) -> int:

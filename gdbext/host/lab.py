@@ -56,6 +56,7 @@ from typing import List, Optional, Sequence, Set, Union
 from .. import paths
 from ..core.errors import GdbextError
 from ..core.multiboot2 import MB2_SEARCH_BYTES, find_header
+from ..core.xenefi import is_pe
 
 # --------------------------------------------------------------------------- facts
 
@@ -170,6 +171,9 @@ class LabConfig:
     extra_qemu_args: List[str] = field(default_factory=list)
     gdb_port: Optional[int] = None  # None: pick a free port on 127.0.0.1
     workdir: Optional[Path] = None  # None: a fresh paths.LAB_DIR/run-YYYYmmdd-HHMMSS-PID
+    # True: xen_image is xen.efi, booted by OVMF itself as EFI/BOOT/BOOTX64.EFI (no GRUB),
+    # its options and a placeholder dom0 in the config file beside it.
+    efi: bool = False
 
     def __post_init__(self) -> None:
         self.xen_image = Path(self.xen_image)
@@ -213,6 +217,30 @@ def grub_cfg(xen_cmdline: str = DEFAULT_XEN_CMDLINE, image_name: str = ESP_XEN_N
         # Xen runs on to construct_dom0, which then rejects the placeholder.
         f"module2 {image} {DOM0_PLACEHOLDER_ARG}\n"
         "boot\n"
+    )
+
+
+# Xen's EFI loader reads the config file named after its own binary, extension .cfg
+# (xen.efi -> xen.cfg; here BOOTX64.EFI -> BOOTX64.cfg), in the binary's directory.
+ESP_EFI_CFG = ESP_BOOT_EFI.with_suffix(".cfg")
+# A placeholder dom0 "kernel" beside it, as the multiboot2 lab has one (see grub_cfg):
+# Xen loads it, runs on to construct_dom0, and rejects it there.
+ESP_EFI_DOM0 = ESP_BOOT_EFI.with_name("dom0.placeholder")
+EFI_CFG_SECTION = "gdbext"
+
+
+def xen_efi_cfg(xen_cmdline: str = DEFAULT_XEN_CMDLINE, dom0_name: str = ESP_EFI_DOM0.name) -> str:
+    """The config file xen.efi reads (docs/misc/efi.pandoc's format): one section with the
+    options and the placeholder dom0 kernel, made the default."""
+    if "\n" in xen_cmdline or "\r" in xen_cmdline:
+        raise LabError("the Xen command line must be one line")
+    return (
+        "[global]\n"
+        f"default={EFI_CFG_SECTION}\n"
+        "\n"
+        f"[{EFI_CFG_SECTION}]\n"
+        f"options={xen_cmdline}\n"
+        f"kernel={dom0_name} {DOM0_PLACEHOLDER_ARG}\n"
     )
 
 
@@ -378,7 +406,9 @@ def _image_head(path: Path) -> bytes:
 
 
 def _missing(path: Path, what: str, default: Path, package: str) -> LabError:
-    if Path(path) == default:
+    build = paths.build_of(path)
+    if build is not None:  # one of the builds scripts/setup fetches
+        package = build.packages[1] if "debug" in Path(path).parts else build.packages[0]
         return LabError(f"{what} {path} is missing: {SETUP_HINT} (Debian package {package})")
     return LabError(f"{what} {path} does not exist")
 
@@ -392,7 +422,11 @@ def validate_config(config: LabConfig) -> None:
     if not image.is_file():
         raise _missing(image, "Xen image", paths.XEN_DEBIAN_IMAGE, paths.XEN_DEBIAN_PACKAGES[0])
     head = _image_head(image)
-    if head[:2] == b"MZ":
+    if config.efi:
+        if not is_pe(head):
+            raise LabError(f"Xen image {image} is not a PE/EFI image: the EFI lab boots "
+                           "xen.efi (e.g. the build's boot/xen-*.efi); xen.gz needs GRUB")
+    elif head[:2] == b"MZ":
         raise LabError(
             f"Xen image {image} is a PE/EFI image (xen.efi): boot xen.gz (multiboot2) instead"
         )
@@ -400,7 +434,7 @@ def validate_config(config: LabConfig) -> None:
         raise LabError(
             f"Xen image {image} is a 64-bit ELF (xen-syms?): boot xen.gz or the 32-bit xen ELF"
         )
-    if find_header(head) is None:
+    if not config.efi and find_header(head) is None:
         raise LabError(
             f"Xen image {image} has no multiboot2 header in its first 32 KiB: "
             "boot xen.gz or the xen ELF (not xen.efi or xen-syms)"
@@ -411,7 +445,7 @@ def validate_config(config: LabConfig) -> None:
         if not fw.is_file():
             raise LabError(f"OVMF firmware {fw} is missing: {SETUP_HINT} (Debian package ovmf)")
     missing = [m for m in GRUB_MODULES if not (paths.GRUB_EFI_MODULES / f"{m}.mod").is_file()]
-    if missing:
+    if missing and not config.efi:
         raise LabError(
             f"GRUB EFI modules missing in {paths.GRUB_EFI_MODULES}: {' '.join(missing)}: "
             f"{SETUP_HINT} (Debian package grub-efi-amd64-bin)"
@@ -683,6 +717,8 @@ class Lab:
         return self
 
     def _build_esp(self) -> None:
+        if self.config.efi:
+            return self._build_efi_esp()
         cfg_text = grub_cfg(self.config.xen_cmdline)
         cfg_file = self._in_workdir(GRUB_CFG_NAME)
         cfg_file.write_text(cfg_text)
@@ -694,6 +730,16 @@ class Lab:
         # Copies, not links: QEMU's fat:rw: may write back into these files.
         shutil.copyfile(efi, esp / ESP_BOOT_EFI)
         shutil.copyfile(self.config.xen_image, esp / ESP_XEN_NAME)
+
+    def _build_efi_esp(self) -> None:
+        """xen.efi as the firmware's boot program, its config and placeholder dom0 beside it."""
+        esp = self.esp_dir
+        if esp.exists():
+            shutil.rmtree(esp)
+        (esp / ESP_BOOT_EFI).parent.mkdir(parents=True)
+        shutil.copyfile(self.config.xen_image, esp / ESP_BOOT_EFI)  # a copy: fat:rw: writes
+        (esp / ESP_EFI_CFG).write_text(xen_efi_cfg(self.config.xen_cmdline))
+        (esp / ESP_EFI_DOM0).write_bytes(b"gdbext placeholder dom0: not a kernel\n")
 
     def _launch(self, port: int) -> None:
         """Start QEMU on ``port`` and wait for its gdbstub; _PortInUse if the bind failed."""
@@ -876,10 +922,16 @@ def _parser() -> argparse.ArgumentParser:
         description="Boot Xen under QEMU (OVMF + GRUB), halted at the first instruction, "
         "with a gdbstub on 127.0.0.1; Ctrl-C stops it.",
     )
+    p.add_argument("--build", choices=sorted(paths.BUILDS),
+                   help=f"boot this Debian build's image and symbols "
+                        f"(default {paths.DEFAULT_BUILD}; scripts/setup fetches them)")
     p.add_argument("--xen", metavar="IMAGE", type=Path,
-                   help=f"multiboot2 Xen image (default {paths.XEN_DEBIAN_IMAGE})")
+                   help=f"multiboot2 Xen image (instead of --build; default {paths.XEN_DEBIAN_IMAGE})")
     p.add_argument("--xen-syms", metavar="FILE", type=Path,
-                   help="xen-syms matching the image (default: Debian's, when --xen is not given)")
+                   help="xen-syms matching the image (default: the build's, when --xen is not given)")
+    p.add_argument("--efi", action="store_true",
+                   help="boot xen.efi directly from OVMF (EFI/BOOT/BOOTX64.EFI with its .cfg), "
+                        "no GRUB; with --build, its xen.efi and the symbols of that layout")
     p.add_argument("--cmdline", metavar="STR", default=DEFAULT_XEN_CMDLINE,
                    help=f"Xen command line (default {DEFAULT_XEN_CMDLINE!r})")
     p.add_argument("-m", "--memory", metavar="MB", type=int, default=DEFAULT_MEMORY_MB,
@@ -898,13 +950,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.xen is not None:
-        xen_syms = args.xen_syms  # Debian's symbols would not match another image
-    else:
-        xen_syms = args.xen_syms if args.xen_syms is not None else paths.XEN_DEBIAN_SYMS
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        # A build's symbols would not match another image: --xen alone has none.
+        xen_image, xen_syms = paths.image_and_syms(args.build, args.xen, args.xen_syms,
+                                                   efi=args.efi)
+    except ValueError as e:
+        parser.error(str(e))
     config = LabConfig(
-        xen_image=args.xen if args.xen is not None else paths.XEN_DEBIAN_IMAGE,
+        xen_image=xen_image,
         xen_syms=xen_syms,
         xen_cmdline=args.cmdline,
         memory_mb=args.memory,
@@ -913,6 +968,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         extra_qemu_args=args.qemu_arg,
         gdb_port=args.port,
         workdir=args.workdir,
+        efi=args.efi,
     )
     lab = Lab(config)
 

@@ -1,4 +1,4 @@
-"""scripts/xen-boot-check against real boots of Debian's Xen 4.17 (OVMF + GRUB + QEMU).
+"""scripts/xen-boot-check against real boots of Debian's Xen (OVMF + GRUB + QEMU).
 
 Three boots: the plain RFC prediction (exit 1, the failing checks named), the
 relocated prediction on the call's checks (exit 0), and a wrong xen-syms given to
@@ -24,6 +24,8 @@ from gdbext import paths
 from gdbext.core import bootstops, merge_catalog
 from gdbext.core.xensyms import load_xen_syms
 from gdbext.host.lab import Lab, LabConfig
+
+from .conftest import matrix_builds, need_build
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "xen-boot-check"
@@ -149,6 +151,48 @@ def test_relocated_prediction_passes_the_call_checks(tmp_path, syms):
     assert all(c["status"] != "FAIL" for s in result["stops"] for c in s["checks"])
     assert root.get("failures") == "0" and root.get("errors") == "0"
     assert proc.stdout.strip().splitlines()[-1].startswith("xen-boot-check: ok:")
+
+
+def test_build_exits_0_and_reaches_every_planned_stop(tmp_path, xen_build):
+    """`xen-boot-check --build NAME` on the unmodified build: every stop its plan has
+    (decoded from its xen-syms), no failed check, exit 0."""
+    proc, report, root = boot_check(tmp_path, "--build", xen_build.name)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = report["result"]
+    assert result["reached"] == bootstops.build_plan(load_xen_syms(xen_build.syms)).names()
+    assert all(c["status"] != "FAIL" for s in result["stops"] for c in s["checks"])
+    assert root.get("failures") == "0" and root.get("errors") == "0"
+    assert proc.stdout.strip().splitlines()[-1].startswith("xen-boot-check: ok:")
+    assert report["console_load_base"] == result["load_base"]   # Xen's own word on B
+
+
+EFI_BUILDS = [b for b in matrix_builds() if paths.BUILDS[b].efi_elf is not None]
+
+
+@pytest.mark.parametrize("build", EFI_BUILDS, ids=lambda n: f"xen{n}")
+def test_efi_exits_0_and_reaches_every_planned_stop(tmp_path, build):
+    """`xen-boot-check --build NAME --efi`: OVMF starts xen.efi itself; every stop of that
+    path's plan (decoded from xen.efi's ELF twin) reached at the address the plan gives
+    for Xen's own B (its console line), exit 0."""
+    xen_build = need_build(build)
+    proc, report, root = boot_check(tmp_path, "--build", build, "--efi")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = report["result"]
+    plan = bootstops.build_plan(load_xen_syms(xen_build.efi_elf))
+    assert result["reached"] == plan.names() == list(bootstops.EFI_STOP_ORDER)
+    base = report["console_load_base"]
+    assert base is not None and result["load_base"] == base
+    for rec in result["stops"]:
+        assert rec["rip"] == plan.get(rec["stop"]).address(base), rec["stop"]
+    by = {r["stop"]: r for r in result["stops"]}
+    syms = load_xen_syms(xen_build.efi_elf)
+    # Xen's own tables from the CR3 load on; the firmware's before.
+    idle = base + syms.offset("idle_pg_table")
+    assert by[bootstops.EFI_CR3]["cr3"] & ~0xFFF == idle
+    assert by[bootstops.START_XEN]["cr3"] & ~0xFFF == idle
+    assert by[bootstops.EFI_START]["cr3"] & ~0xFFF != idle
+    assert report["build_id"]["match"] is True
+    assert root.get("failures") == "0" and root.get("errors") == "0"
 
 
 def test_wrong_xen_syms_on_a_running_qemu_exits_2(tmp_path):

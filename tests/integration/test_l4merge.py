@@ -14,11 +14,12 @@ import struct
 
 import pytest
 
+from gdbext import paths
 from gdbext.core.merge_catalog import CALL_CHECKS
 from gdbext.core.xensyms import load_xen_syms
 
 from ..oracles import parse_gva2gpa
-from .conftest import booted_to
+from .conftest import booted_to, matrix_params, stop_of_build
 
 ENTRY = "__efi64_mb2_start"
 CALL_TARGET = "efi_multiboot2"
@@ -61,15 +62,29 @@ def xenmap_slot(syms) -> int:
     return slot
 
 
+def _e8_calls(syms, start: int, size: int):
+    """(VA, target) of every e8 rel32 in the code at ``start`` (decoded here)."""
+    code = syms.read_linked(start, size)
+    return [(start + i, start + i + 5 + struct.unpack_from("<i", code, i + 1)[0])
+            for i in range(len(code) - 5) if code[i] == 0xE8]
+
+
 def call_instruction_pa(syms, load_base: int) -> int:
-    """B + offset of the e8 call of efi_multiboot2 in __efi64_mb2_start (decoded here)."""
-    start = syms.linked_va(ENTRY)
-    code = syms.read_linked(start, 0x200)
+    """B + offset of the e8 call of efi_multiboot2: in __efi64_mb2_start (4.17), or in the
+    function it calls that calls it (4.20's efi_multiboot2_prelude)."""
     target = syms.linked_va(CALL_TARGET)
-    for i in range(len(code) - 5):
-        if code[i] == 0xE8 and start + i + 5 + struct.unpack_from("<i", code, i + 1)[0] == target:
-            return load_base + syms.offset(start + i)
-    raise AssertionError("no call of efi_multiboot2 in __efi64_mb2_start")
+    entry_calls = _e8_calls(syms, syms.linked_va(ENTRY), 0x200)
+    for va, to in entry_calls:
+        if to == target:
+            return load_base + syms.offset(va)
+    for _va, callee in entry_calls:
+        hit = syms.symbol_at(callee)
+        if hit is None or hit[1] != 0 or not syms.lookup(hit[0]).size:
+            continue
+        for va, to in _e8_calls(syms, callee, syms.lookup(hit[0]).size):
+            if to == target:
+                return load_base + syms.offset(va)
+    raise AssertionError("no call of efi_multiboot2 in __efi64_mb2_start or a function it calls")
 
 
 def table_pages(syms, load_base: int):
@@ -99,8 +114,11 @@ def failed_ids(error: str):
 
 # --- predict mode at the entry (read-only session) -------------------------------------
 
-def test_predict_fails_on_slot_of_l3_xenmap_link_address(at_entry, syms):
-    stop = at_entry
+@pytest.mark.parametrize("stop_name,build", matrix_params("at_entry"))
+def test_predict_fails_on_slot_of_l3_xenmap_link_address(request, stop_name, build):
+    """The predicted merge's verdicts, on every build of the matrix."""
+    stop = stop_of_build(request, stop_name, build)
+    syms = load_xen_syms(paths.BUILDS[build].syms)
     base = stop.run["load_base"]
     slot = xenmap_slot(syms)
     regs_before = stop.qemu_registers()
@@ -177,8 +195,10 @@ def test_predict_text_report_then_one_error_line(at_entry, syms):
     assert "I3" in failed_ids(error) and "\n" not in error
 
 
-def test_assume_relocated_passes_the_call_checks(at_entry, syms):
-    stop = at_entry
+@pytest.mark.parametrize("stop_name,build", matrix_params("at_entry"))
+def test_assume_relocated_passes_the_call_checks(request, stop_name, build):
+    stop = stop_of_build(request, stop_name, build)
+    syms = load_xen_syms(paths.BUILDS[build].syms)
     base = stop.run["load_base"]
     out, error = capture(stop, "xen-l4merge-check --assume-relocated --json")
     result = json_line(out)
@@ -410,7 +430,10 @@ def test_gdb_batch_exits_nonzero_when_a_check_fails(xen_syms_path, tmp_path):
     from gdbext.host.lab import Lab, LabConfig
     from gdbext.paths import GDBINIT
 
-    with Lab(LabConfig(memory_mb=1024)) as lab:     # started here, stopped by pid at exit
+    from .conftest import image_for
+
+    with Lab(LabConfig(xen_image=image_for(xen_syms_path), xen_syms=xen_syms_path,
+                       memory_mb=1024)) as lab:     # started here, stopped by pid at exit
         script = tmp_path / "check.gdb"
         script.write_text(f"source {GDBINIT}\n"
                           f"target remote {lab.gdb_target}\n"

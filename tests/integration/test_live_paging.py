@@ -14,13 +14,18 @@ from pathlib import Path
 
 import pytest
 
+from gdbext import paths
 from gdbext.core.xensyms import load_xen_syms
 from tests.qemu_tlb import parse_info_tlb
 
 from ..oracles import parse_gva2gpa, parse_info_mem
+from .conftest import matrix_params, stop_of_build
 
 INGDB = Path(__file__).with_name("ingdb.py")
 STOPS = ["at_entry", "at_start_xen", "at_construct_dom0"]
+# The matrix: the entry and __start_xen on every build; construct_dom0 on the default one.
+MATRIX_STOPS = matrix_params("at_entry", "at_start_xen") + [
+    pytest.param("at_construct_dom0", paths.DEFAULT_BUILD, id="at_construct_dom0")]
 
 
 def coalesce_like_info_mem(ranges):
@@ -35,9 +40,9 @@ def coalesce_like_info_mem(ranges):
     return [(va, end, u, w) for va, end, (u, w) in out]
 
 
-@pytest.mark.parametrize("stop_name", STOPS)
-def test_control_registers_match_qemu(request, stop_name):
-    stop = request.getfixturevalue(stop_name)
+@pytest.mark.parametrize("stop_name,build", MATRIX_STOPS)
+def test_control_registers_match_qemu(request, stop_name, build):
+    stop = stop_of_build(request, stop_name, build)
     ours = stop.json("xen-regs --json")
     qemu = stop.qemu_registers()
     for name in ("cr0", "cr3", "cr4", "efer", "rip"):
@@ -62,9 +67,9 @@ def test_entry_is_at_load_address(at_entry, xen_syms_path):
     assert seen == syms.read_linked(syms.linked_va("__efi64_mb2_start"), 16)
 
 
-@pytest.mark.parametrize("stop_name", STOPS)
-def test_xen_pt_equals_info_mem(request, stop_name):
-    stop = request.getfixturevalue(stop_name)
+@pytest.mark.parametrize("stop_name,build", MATRIX_STOPS)
+def test_xen_pt_equals_info_mem(request, stop_name, build):
+    stop = stop_of_build(request, stop_name, build)
     ours = stop.json("xen-pt --json")
     qemu = [(r.va, r.end, r.user, r.writable) for r in parse_info_mem(stop.monitor("info mem"))]
     assert qemu, "QEMU's info mem printed no ranges"
@@ -163,9 +168,9 @@ def test_linear_slot_is_a_reported_cycle(at_construct_dom0, xen_syms_path):
     assert [lv["table"] for lv in walk["levels"][:2]] == [root, root]
 
 
-@pytest.mark.parametrize("stop_name", STOPS)
-def test_va2pa_equals_gva2gpa(request, stop_name):
-    stop = request.getfixturevalue(stop_name)
+@pytest.mark.parametrize("stop_name,build", MATRIX_STOPS)
+def test_va2pa_equals_gva2gpa(request, stop_name, build):
+    stop = stop_of_build(request, stop_name, build)
     ranges = stop.json("xen-pt --json")["ranges"]
     rng = random.Random(1234)
     vas = [va for va in _probe_addresses(ranges, 1000, rng)

@@ -22,7 +22,7 @@ from gdbext.core.xensyms import load_xen_syms
 from gdbext.host.gdbdriver import GdbSession, lab_session
 from gdbext.host.lab import Lab, LabConfig
 
-from .conftest import console_load_base, phymem_mode, qemu_qwords, qemu_registers
+from .conftest import console_load_base, image_for, phymem_mode, qemu_qwords, qemu_registers
 
 # Each wait of the session (and of the run to the entry) gives up after this long.
 WAIT_S = 120
@@ -49,13 +49,21 @@ class Attached:
 @contextlib.contextmanager
 def attached(xen_syms):
     """A lab halted at its first instruction, GDB attached, xen-syms loaded: nothing run."""
-    with lab_session(LabConfig(memory_mb=1024), xen_syms) as (lab, gdb):
+    config = LabConfig(xen_image=image_for(xen_syms), xen_syms=xen_syms, memory_mb=1024)
+    with lab_session(config, xen_syms) as (lab, gdb):
         yield Attached(lab, gdb)
 
 
 @pytest.fixture
 def fresh(xen_syms_path):
     with attached(xen_syms_path) as a:
+        yield a
+
+
+@pytest.fixture
+def fresh_of_build(xen_build):
+    """A fresh lab of each build of the matrix."""
+    with attached(xen_build.syms) as a:
         yield a
 
 
@@ -73,7 +81,11 @@ def json_lines(out: str):
     return [json.loads(line) for line in out.splitlines() if line.strip().startswith("{")]
 
 
-def test_batch_reaches_start_xen_and_reports_each_stop(fresh, syms, plan):
+def test_batch_reaches_start_xen_and_reports_each_stop(fresh_of_build, xen_build):
+    """The whole session on every build: every planned stop reached, no FAIL."""
+    fresh = fresh_of_build
+    syms = load_xen_syms(xen_build.syms)
+    plan = build_plan(syms)
     reply = fresh.run(f"xen-mb2-break --batch --json --timeout {WAIT_S}")
     assert reply.error is None, reply.error
     result = reply.json()
@@ -231,16 +243,19 @@ def test_paging_commands_where_paging_is_off(fresh, syms):
     assert phymem_mode(fresh.gdb) == "0"
 
 
-def test_backtrace_names_xen_functions_at_the_load_address(fresh):
+def test_backtrace_names_xen_functions_at_the_load_address(fresh, syms, plan):
     """Once B is known GDB has xen-syms at the load address too: at efi_multiboot2
-    (called from __efi64_mb2_start, both at B + offset) the backtrace names both, and
-    info symbol places RIP in Xen's .init.text."""
+    (called from __efi64_mb2_start in 4.17, from efi_multiboot2_prelude in 4.20: the
+    function holding the plan's call stop; both at B + offset) the backtrace names both,
+    and info symbol places RIP in Xen's .init.text."""
+    caller = syms.symbol_at(plan.get(bootstops.CALL).linked_va)[0].split("#")[-1]
     reply = fresh.run(f"xen-mb2-break --batch --timeout {WAIT_S} "
                       f"--stops '{ENTRY},{bootstops.EFI_MB2}'")
     assert reply.error is None, reply.error
     frames = fresh.gdb.execute("bt 2").out.splitlines()
-    assert re.search(r"^#0 .* in efi_multiboot2 \(\)", frames[0]), frames
-    assert re.search(r"^#1 .* in __efi64_mb2_start \(\)", frames[1]), frames
+    # Without DWARF (4.17) "#0  0x... in f ()"; with it (4.20) "#0  f (args...) at file:line".
+    assert re.search(r"^#0\s+(0x[0-9a-f]+ in )?efi_multiboot2 \(", frames[0]), frames
+    assert re.search(rf"^#1\s+0x[0-9a-f]+ in {re.escape(caller)} \(", frames[1]), frames
     assert fresh.gdb.execute("info symbol $pc").out.startswith("efi_multiboot2 in section")
 
 

@@ -22,20 +22,24 @@ from gdbext.core import x86, xenimage
 from gdbext.core.xensyms import load_xen_syms
 
 from ..oracles import parse_gva2gpa
-from .conftest import booted_to
+from .conftest import booted_to, matrix_builds, need_build
 
 MEMORY_SIZES_MB = (1024, 4096)
+# The default build at both sizes; every other build of the matrix at the first.
+BOOTS = [(paths.DEFAULT_BUILD, mb) for mb in MEMORY_SIZES_MB] + [
+    (b, MEMORY_SIZES_MB[0]) for b in matrix_builds() if b != paths.DEFAULT_BUILD]
 
 
-@pytest.fixture(scope="module", params=MEMORY_SIZES_MB, ids=lambda mb: f"{mb}M")
-def boot(request, xen_syms_path):
-    with booted_to("__efi64_mb2_start", xen_syms_path, memory_mb=request.param) as stop:
+@pytest.fixture(scope="module", params=BOOTS, ids=lambda p: f"xen{p[0]}-{p[1]}M")
+def boot(request):
+    build, memory_mb = request.param
+    with booted_to("__efi64_mb2_start", need_build(build).syms, memory_mb=memory_mb) as stop:
         yield stop
 
 
 @pytest.fixture(scope="module")
-def syms(xen_syms_path):
-    return load_xen_syms(xen_syms_path)
+def syms(boot):
+    return load_xen_syms(boot.lab.xen_syms)
 
 
 def _int(stop, expr: str) -> int:
@@ -154,7 +158,7 @@ def test_another_elf_is_caught_by_the_build_id_check(boot, syms, tmp_path_factor
 def test_a_map_file_needs_the_base_by_hand(boot, syms):
     base = boot.run["load_base"]
     try:
-        boot.cmd(f"xen-syms {paths.XEN_DEBIAN_SYMS_MAP}")
+        boot.cmd(f"xen-syms {paths.build_of(boot.lab.xen_syms).syms_map}")
         reply = boot.gdb.execute("xen-locate", check=False)
         assert reply.error and "xen-locate --base PA" in reply.error and "\n" not in reply.error
         loc = boot.json(f"xen-locate --base {base:#x} --json")

@@ -192,3 +192,101 @@ def test_verdict_lines():
     assert "  FAIL I4 at __efi64_mb2_start: unrelocated" in bootcheck.summary_lines(report)
 
 
+
+
+# ---------------------------------------------------------------- builds
+
+
+@pytest.mark.parametrize("name", sorted(paths.BUILDS))
+def test_build_names_its_image_and_syms(name):
+    build = paths.BUILDS[name]
+    args = bootcheck.parse_args(["--build", name])
+    assert (args.xen, args.xen_syms) == (build.image, build.syms)
+    assert bootcheck.static_build_id_check(build.image, build.syms)["match"] is True
+
+
+def test_build_and_xen_together_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bootcheck.parse_args(["--build", "4.20", "--xen", str(paths.XEN_DEBIAN_IMAGE)])
+    assert exc.value.code == 2 and "both name the image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("image_build,syms_build",
+                         [(a, b) for a in sorted(paths.BUILDS) for b in sorted(paths.BUILDS) if a != b])
+def test_another_builds_syms_exit_2_before_booting(tmp_path, image_build, syms_build):
+    """4.20's xen-syms with 4.17's image (and the other way round): refused on the build-id
+    notes of the two files, before any QEMU is started."""
+    image, syms = paths.BUILDS[image_build].image, paths.BUILDS[syms_build].syms
+    for f in (image, syms):
+        if not f.is_file():
+            pytest.fail(f"{f} is missing: run scripts/setup", pytrace=False)
+    report = tmp_path / "r.json"
+    proc = run_script("--xen", str(image), "--xen-syms", str(syms), "--report", str(report))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "build-id mismatch" in lines[0]
+    assert readelf_build_id(syms) in lines[0]
+    assert readelf_build_id(paths.BUILDS[syms_build].syms) != readelf_build_id(
+        paths.BUILDS[image_build].syms)
+    assert readelf_build_id(paths.BUILDS[image_build].syms) in lines[0]
+    data = json.loads(report.read_text())
+    assert data["exit_status"] == 2 and data["lab"] is None  # no QEMU was started
+
+
+# ---------------------------------------------------------------- --efi
+
+
+def objdump_rsds(path: Path) -> str:
+    """xen.efi's build-id as objdump shows its .buildid section: the RSDS signature."""
+    out = subprocess.run(["objdump", "-s", "-j", ".buildid", str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    raw = b"".join(bytes.fromhex(m.group(1).replace(" ", "")) for m in
+                   (re.match(r"^ [0-9a-f]+ ((?:[0-9a-f]{2,8} ?){1,4})", ln)
+                    for ln in out.splitlines()) if m)
+    at = raw.index(b"RSDS")
+    return raw[at + 4:at + 20].hex()
+
+
+@pytest.mark.parametrize("name", sorted(paths.BUILDS))
+def test_efi_build_names_xen_efi_and_the_symbols_of_its_layout(name):
+    build = paths.BUILDS[name]
+    args = bootcheck.parse_args(["--build", name, "--efi"])
+    assert (args.xen, args.xen_syms, args.efi) == (build.efi, build.efi_syms, True)
+    assert bootcheck.image_build_id(build.efi).hex() == objdump_rsds(build.efi)
+
+
+def test_efi_with_predict_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bootcheck.parse_args(["--build", "4.20", "--efi", "--predict"])
+    assert exc.value.code == 2 and "not with --efi" in capsys.readouterr().err
+
+
+def _one_line_exit_2(tmp_path, *argv):
+    report = tmp_path / "r.json"
+    proc = run_script(*argv, "--report", str(report))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    data = json.loads(report.read_text())
+    assert data["exit_status"] == 2 and data["lab"] is None  # no QEMU was started
+    return lines[0]
+
+
+def test_efi_refuses_before_booting_what_cannot_run_that_path(tmp_path):
+    """xen-syms (another layout), a map (no bytes to decode efi_start from), and another
+    build's xen.efi with these symbols (build-id): each one line, exit 2, nothing booted."""
+    twin = next(b for b in paths.BUILDS.values() if b.efi_elf is not None)
+    line = _one_line_exit_2(tmp_path, "--efi", "--xen", str(twin.efi), "--xen-syms",
+                            str(twin.syms))
+    assert "not laid out as xen.efi" in line and "efi.elf" in line
+    for b in paths.BUILDS.values():
+        if b.efi_elf is None:
+            line = _one_line_exit_2(tmp_path, "--efi", "--build", b.name)
+            assert "nm-format map" in line and str(b.efi_map) in line
+        else:
+            continue
+    other = next(b for b in paths.BUILDS.values() if b.name != twin.name)
+    line = _one_line_exit_2(tmp_path, "--efi", "--xen", str(other.efi), "--xen-syms",
+                            str(twin.efi_elf))
+    assert "build-id mismatch" in line
+    assert objdump_rsds(twin.efi) in line and objdump_rsds(other.efi) in line

@@ -165,11 +165,24 @@ def test_missing_user_image_is_one_clear_line(tmp_path):
     assert str(tmp_path / "nope.gz") in msg and "does not exist" in msg
 
 
-def test_missing_debian_image_says_run_setup(tmp_path, monkeypatch):
-    default = tmp_path / "cache" / "xen-4.17-amd64.gz"
-    monkeypatch.setattr(L.paths, "XEN_DEBIAN_IMAGE", default)
-    with pytest.raises(L.LabError, match=r"is missing: run scripts/setup"):
-        L.validate_config(L.LabConfig(xen_image=default, xen_syms=None))
+@pytest.mark.parametrize("name", sorted(L.paths.BUILDS))
+def test_missing_debian_image_says_run_setup(tmp_path, monkeypatch, name):
+    build = L.paths.BUILDS[name]
+    gone = build._replace(image=tmp_path / "cache" / build.image.name)
+    monkeypatch.setitem(L.paths.BUILDS, name, gone)
+    with pytest.raises(L.LabError, match=rf"is missing: run scripts/setup .*{build.packages[0]}\)"):
+        L.validate_config(L.LabConfig(xen_image=gone.image, xen_syms=None))
+
+
+@pytest.mark.parametrize("name", sorted(L.paths.BUILDS))
+def test_build_names_image_and_syms(name):
+    build = L.paths.BUILDS[name]
+    assert L.paths.image_and_syms(name, None, None) == (build.image, build.syms)
+    assert L.paths.image_and_syms(None, None, None) == (
+        L.paths.BUILDS[L.paths.DEFAULT_BUILD].image, L.paths.BUILDS[L.paths.DEFAULT_BUILD].syms)
+    assert L.paths.image_and_syms(None, Path("/x.gz"), None) == (Path("/x.gz"), None)
+    with pytest.raises(ValueError, match="both name the image"):
+        L.paths.image_and_syms(name, Path("/x.gz"), None)
 
 
 def test_missing_syms_and_missing_image_do_not_start_anything(tmp_path, monkeypatch):
@@ -408,3 +421,44 @@ def test_new_runs_keep_only_the_last_few_and_never_a_live_one(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+# ---------------------------------------------------------------- the EFI lab (xen.efi, no GRUB)
+
+
+def test_xen_efi_cfg_is_one_default_section_with_options_and_placeholder_dom0():
+    text = L.xen_efi_cfg("console=com1 loglvl=all")
+    lines = text.splitlines()
+    assert lines[0] == "[global]" and lines[1] == f"default={L.EFI_CFG_SECTION}"
+    section = lines.index(f"[{L.EFI_CFG_SECTION}]")
+    assert lines[section + 1] == "options=console=com1 loglvl=all"
+    assert lines[section + 2] == f"kernel={L.ESP_EFI_DOM0.name} {L.DOM0_PLACEHOLDER_ARG}"
+    # Xen's EFI loader reads the .cfg named after its own binary, in its directory.
+    assert L.ESP_EFI_CFG == L.ESP_BOOT_EFI.with_suffix(".cfg")
+    assert L.ESP_EFI_DOM0.parent == L.ESP_BOOT_EFI.parent
+    with pytest.raises(L.LabError, match="one line"):
+        L.xen_efi_cfg("a\nb")
+
+
+@pytest.mark.parametrize("name", sorted(L.paths.BUILDS))
+def test_efi_lab_takes_xen_efi_and_refuses_xen_gz(tmp_path, name):
+    build = L.paths.BUILDS[name]
+    L.validate_config(config(tmp_path, xen_image=build.efi, efi=True))
+    with pytest.raises(L.LabError, match="not a PE/EFI image"):
+        L.validate_config(config(tmp_path, xen_image=build.image, efi=True))
+    with pytest.raises(L.LabError, match="PE/EFI image"):
+        L.validate_config(config(tmp_path, xen_image=build.efi))   # GRUB's lab: xen.gz
+
+
+def test_efi_esp_holds_xen_efi_its_cfg_and_the_placeholder(tmp_path, monkeypatch):
+    monkeypatch.setattr(L.paths, "LAB_DIR", tmp_path / "labdir")
+    build = L.paths.BUILDS[L.paths.DEFAULT_BUILD]
+    lab = L.Lab(config(tmp_path, xen_image=build.efi, efi=True))
+    lab.workdir = tmp_path / "run"
+    lab.workdir.mkdir()
+    lab._build_esp()
+    esp = lab.esp_dir
+    assert (esp / L.ESP_BOOT_EFI).read_bytes() == build.efi.read_bytes()
+    assert (esp / L.ESP_EFI_CFG).read_text() == L.xen_efi_cfg(lab.config.xen_cmdline)
+    assert (esp / L.ESP_EFI_DOM0).is_file()
+    assert not (esp / L.ESP_XEN_NAME).exists()        # no GRUB, no xen.gz

@@ -289,3 +289,32 @@ def test_user_base_must_be_a_plausible_pa_below_maxphyaddr_and_in_ram(xen):
     # An image that starts in RAM but runs past its end.
     last = ((1 << 30) - size) // align * align + align
     assert "RAM" in xenimage.user_base_problem(syms, last, 52, ram)
+
+
+def test_pe_relocated_entries_are_recognised_only_for_xen_efi():
+    """xen.efi before its self-relocation: an entry holds link + B - ImageBase (the PE
+    loader's delta, mod 2**64, address bits only); without pe_delta that is foreign."""
+    from gdbext.core import x86
+    from gdbext.core import xenimage as XI
+    virt, base, link = 0xFFFF82D040000000, 0x39600000, 0x80A000
+    mask = x86.phys_addr_mask(x86.MAXPHYADDR_ARCH)
+    delta = (base - virt) % (1 << 64)
+    found = (link + delta) % (1 << 64) & mask
+    assert XI.classify_pointer(found, link, base, pe_delta=delta) == XI.PE_RELOCATED
+    assert XI.classify_pointer(found, link, base) == XI.FOREIGN
+    assert XI.classify_pointer(link + base, link, base, pe_delta=delta) == XI.RELOCATED
+    assert XI.PE_RELOCATED in XI.POINTER_CLASSES
+
+
+def test_static_pointer_classes_on_both_paths():
+    """A static pointer at its linked VA, at its load address (xen.efi after the firmware
+    applied the base relocations for B), or neither; and which one each path expects."""
+    from gdbext.core import xenimage as XI
+    virt, base = 0xFFFF82D040000000, 0x39600000
+    link = virt + 0x22E200
+    assert XI.static_pointer_class(link, link, base, virt) == XI.STATIC_LINKED
+    assert XI.static_pointer_class(base + 0x22E200, link, base, virt) == XI.STATIC_LOAD_ADDRESS
+    assert XI.static_pointer_class(base + 0x22E208, link, base, virt) == XI.STATIC_FOREIGN
+    assert XI.expected_static_pointer_class(True, False) == XI.STATIC_LOAD_ADDRESS
+    assert XI.expected_static_pointer_class(True, True) == XI.STATIC_LINKED
+    assert XI.expected_static_pointer_class(False, False) == XI.STATIC_LINKED

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gdb
 
 from ...core import bootstops
-from ...core.bootstops import ENTRY, STOP_ORDER
+from ...core.bootstops import STOP_ORDER
 from ...core.errors import GdbextError
 from ...core.mb2session import SessionOptions, failed_checks
 from ..boot_session import BootSession
@@ -89,7 +89,7 @@ class Mb2BreakCommand(XenCommand):
         if record is not None:
             session.print_record(record)
         if not args.json:
-            planted = [s.name for s in session.selected if s.name != ENTRY
+            planted = [s.name for s in session.selected if s is not session.plan.entry
                        and s.name not in pending]
             helpers = [f"{h.name} (a helper stop, to learn trampoline_phys)"
                        for h in session.book.helpers]

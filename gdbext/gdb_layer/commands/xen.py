@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 
-from ...core import bootstops, paging, xenimage
+from ...core import bootstops, paging, xenefi, xenimage
 from ...core.walknames import root_owner
 from ...core.xenimage import LoadedXen
 from ..addresses import PA_SYNTAX_HELP, parse_address
@@ -128,6 +128,8 @@ class LocateCommand(XenCommand):
         if args.base is not None:
             base = parse_address(self.ctx, args.base, "load base", space="pa")
         result = self.ctx.locate(base, scan_only=args.scan)
+        if getattr(self.ctx.xen.syms, "efi_layout", False):
+            result["pe"] = loaded_pe(self.ctx, result["load_base"])
         if args.json:
             self.write_json(result)
             return
@@ -140,9 +142,23 @@ class LocateCommand(XenCommand):
         elif check is not None and check.match is False:
             lines.append("  " + check.mismatch_message(self.ctx.xen.syms.path,
                                                        result["load_base"]))
+        pe = result.get("pe")
+        if pe:
+            lines.append(f"  PE headers at B: ImageBase {pe['image_base']:#x} (the firmware "
+                         f"relocated xen.efi there), entry RVA {pe['entry_rva']:#x} "
+                         f"({'efi_start' if pe['entry_matches'] else 'not efi_start'})")
+        elif "pe" in result:
+            lines.append("  no PE headers at B (the firmware did not load xen.efi there?)")
         if self.ctx.xen.gdb_symbols:
             lines.append("  GDB has Xen's symbols at the load address and the linked address")
         emit("\n".join(lines), from_tty)
+
+
+def loaded_pe(ctx, load_base: int):
+    """xen.efi: what the PE headers the firmware left at B say (None: none there)."""
+    t = ctx.target
+    with t.phys_mode():
+        return xenefi.loaded_image(t.cache, load_base, ctx.xen.syms)
 
 
 # -- xen-info ---------------------------------------------------------------------------------
