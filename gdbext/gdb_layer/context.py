@@ -20,15 +20,13 @@ breakpoints and ``continue_until()``.  The decisions themselves are the core's.
 from __future__ import annotations
 
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import gdb
 
-from ..core import (bootstops, locate, merge_catalog, merge_here, paging, runto, suggest, x86,
+from ..core import (bootstops, hang, locate, merge_catalog, merge_here, paging, runto, suggest, x86,
                    xenimage)
 from ..core.errors import GdbextError
 from ..core.paging import MODES, PagingContext
@@ -37,7 +35,9 @@ from ..core.xenimage import BuildIdCheck, LoadedXen
 from ..core.xensyms import load_xen_syms
 from .addresses import parse_address
 from .backend import GdbTarget
+from . import hang_watch
 from .command import one_line
+from .interrupt_timer import Timeout as _Timeout
 
 CONTROL_REGISTERS = ("cr0", "cr3", "cr4", "efer")
 # GDB's remote timeout while gdbext is loaded (see raise_remote_timeout).
@@ -64,6 +64,10 @@ class Settings:
     maxphyaddr: int = x86.MAXPHYADDR_ARCH
     phys_read: str = "auto"            # auto | packet | monitor-xp
     ignore_build_id: bool = False
+    hang_wait: int = hang.DEFAULT_HANG_WAIT_S   # set xen-hang-wait (0: off)
+    serial_log: str = ""               # set xen-serial-log: COM1's file (hang reports)
+    qemu_int_log: str = ""             # set xen-qemu-int-log: QEMU's -d int log (triple faults)
+    qmp_socket: str = ""               # set xen-qmp-socket: QEMU's QMP socket (resets)
 
 
 @dataclass(frozen=True)
@@ -72,42 +76,6 @@ class RootChoice:
     'merge-relocated'; and the paging mode to read it in (None: the CPU's)."""
     root: str = "cr3"
     mode: Optional[str] = None
-
-
-class _Timeout:
-    """Interrupt GDB's blocking 'continue' after a while, as Ctrl-C would.
-
-    The SIGINT is sent only while the guest still runs: once GDB has reported a
-    stop (``stopped()``, called from the stop event) a late timer does nothing, so a
-    stop that came just in time is never turned into a timeout, and no stray SIGINT
-    reaches GDB while it is stopped (it would abort the next command)."""
-
-    def __init__(self, seconds: float):
-        self.fired = False
-        self._stopped = False
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._fire)
-        self._timer.daemon = True
-
-    def _fire(self) -> None:
-        with self._lock:
-            if self._stopped:
-                return
-            self.fired = True
-            os.kill(os.getpid(), signal.SIGINT)
-
-    def stopped(self) -> None:
-        with self._lock:
-            self._stopped = True
-
-    def __enter__(self):
-        if self._timer.interval > 0:
-            self._timer.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stopped()
-        self._timer.cancel()
 
 
 def raise_remote_timeout() -> None:
@@ -571,7 +539,7 @@ class Context:
                 pass  # already gone (the user deleted it)
 
     def continue_until(self, timeout_at: float, what: str,
-                       breakpoints: Iterable["gdb.Breakpoint"]) -> int:
+                       breakpoints: Iterable["gdb.Breakpoint"], hang_check: bool = True) -> int:
         """Resume the guest until one of ``breakpoints`` fires; return RIP.
 
         The stop is recognised by GDB's stop event (which breakpoint fired, at its
@@ -579,15 +547,23 @@ class Context:
         bytes that arrived while the guest ran, the user's Ctrl-C or breakpoint) is
         one GdbextError line naming what was awaited, even when RIP equals a planted
         address. The timeout is the timer's SIGINT, and counts only if that SIGINT is
-        what stopped the guest."""
+        what stopped the guest.
+
+        A stop not come within 'set xen-hang-wait' seconds is looked into (hang_watch:
+        GuestCrashed("hang") only for a CPU halted or in one loop; a CPU that moves on
+        runs on). QEMU pausing the machine at a triple fault or reset (a SIGQUIT stop)
+        is GuestCrashed("triple-fault"/"shutdown")."""
+        started = time.monotonic()
         remaining = timeout_at - time.monotonic()
         msg = (f"timed out waiting for Xen to reach {what} (is Xen booting? see the "
                "serial log)")
         if remaining <= 0:
-            raise GdbextError(msg)
+            raise hang_watch.WaitTimedOut(msg)
         planted = {bp.number: bp for bp in breakpoints if bp.is_valid()}
+        hang_wait = self.settings.hang_wait if hang_check else 0
+        wait = min(remaining, hang_wait) if hang_wait > 0 else remaining
         events: list = []
-        with _Timeout(remaining) as tm:
+        with _Timeout(wait) as tm:
             def on_stop(event) -> None:
                 tm.stopped()
                 events.append(event)
@@ -606,7 +582,13 @@ class Context:
         if kind == runto.STOP_PLANTED:
             return rip
         if kind == runto.STOP_TIMEOUT:
-            raise GdbextError(msg)
+            if wait < remaining:     # the hang wait ended, not the whole timeout
+                return hang_watch.after_wait(self, started, timeout_at, what, breakpoints)
+            raise hang_watch.WaitTimedOut(msg)
+        if facts.signal == hang.SHUTDOWN_SIGNAL:
+            crash = hang_watch.shutdown_crash(self, what)
+            if crash is not None:
+                raise crash
         raise GdbextError(runto.foreign_stop_text(facts, what))
 
     @staticmethod

@@ -290,6 +290,9 @@ class BootCheck:
             self.gdb = GdbSession(log=log)
             for setting in GDB_CONNECT_SETTINGS:
                 self.gdb.execute(setting)
+            if self.lab is not None:
+                for setting in self.lab.gdb_settings():
+                    self.gdb.execute(setting)
             self.gdb.execute(f"set tcp connect-timeout {max(1, int(args.timeout))}")
             # --timeout bounds the whole attach: TCP connect (above) and the stub's first
             # replies (a stub that accepts and stays silent would otherwise keep GDB
