@@ -40,19 +40,21 @@ from . import faults, qemulog
 # --- settings and sampling --------------------------------------------------------------
 
 # The default of 'set xen-hang-wait' (seconds without the awaited stop before the CPU
-# is sampled). The wait alone never declares a hang (see the module doc), so it
-# bounds only how soon a hang is seen and how often a slow boot is sampled: a normal
-# boot of the lab reaches its first stop ~5-9 s after QEMU starts on this 2-core
-# machine, and each stop after that within a second or two; 10 s keeps a healthy
-# boot from being sampled more than now and then even when the machine is loaded,
-# and reports a hang ~13 s after the guest hung (well inside a 30 s budget).
-DEFAULT_HANG_WAIT_S = 10
+# is sampled). The wait alone never declares a hang (see the module doc): it bounds how
+# soon a hang is seen and how often a slow boot is sampled. Measured gaps between two
+# stops of a healthy boot of the lab on this 2-core machine: 5-9 s from QEMU's start
+# to the entry (firmware and GRUB; the longest), a second or two after that; 12 s and
+# more with QEMU held 3 s at each resume (tests/integration/test_slowed_guest.py).
+# 20 s leaves a loaded machine twice that before a healthy boot is even sampled (and a
+# sample of it costs one interrupt and a few steps), and still reports a hang within
+# about 25 s of the last stop.
+DEFAULT_HANG_WAIT_S = 20
 SAMPLES = 3
 SAMPLE_INTERVAL_S = 1.0
-TRACE_STEPS = 24
-# A loop is at most this many distinct instructions (a CpuDeadLoop with its CpuPause
-# call is 5-6; a stall loop polling a timer through a call, 10-20).
-MAX_LOOP_INSTRUCTIONS = 12
+TRACE_STEPS = 16
+# A loop is at most this many distinct instructions, seen twice in TRACE_STEPS steps
+# (a 'jmp .' is 1; the firmware's CpuDeadLoop with its CpuPause call about 6).
+MAX_LOOP_INSTRUCTIONS = TRACE_STEPS // 2
 # Seconds a single step may take before the sampler gives up on it (a step does not
 # return while the CPU sleeps, e.g. in 'hlt' with interrupts off).
 STEP_TIMEOUT_S = 20.0
@@ -126,6 +128,20 @@ def _halt_state(s: CpuSample) -> Optional[bool]:
     if s.halted or s.at_hlt:
         return s.interrupts_on
     return None
+
+
+def refuted(samples: Sequence[CpuSample]) -> bool:
+    """Whether the samples so far already show a CPU that moves on (sampling stops: a
+    healthy boot costs one sample): the last is neither halted nor in a loop, or not in
+    the state of the first."""
+    if not samples:
+        return False
+    first, last = samples[0], samples[-1]
+    h0, h1 = _halt_state(first), _halt_state(last)
+    if h1 is not None or h0 is not None:
+        return h0 is None or h1 is None or (h1 is True and last.rip != first.rip)
+    l0, l1 = find_loop(first.trace), find_loop(last.trace)
+    return l1 is None or l0 is None or set(l0) != set(l1)
 
 
 def judge(samples: Sequence[CpuSample]) -> HangVerdict:

@@ -139,7 +139,7 @@ def after_wait(ctx, started: float, timeout_at: float, what: str, breakpoints) -
             if reached is not None:
                 return reached
             samples.append(sample)
-            if time.monotonic() >= timeout_at:
+            if hang.refuted(samples) or time.monotonic() >= timeout_at:
                 break
         verdict = hang.judge(samples)
         if verdict.hung:

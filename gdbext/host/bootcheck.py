@@ -113,6 +113,9 @@ def make_parser() -> argparse.ArgumentParser:
     target.add_argument("--timeout", type=_positive, default=DEFAULT_TIMEOUT_S, metavar="S",
                         help=f"the longest any one wait may take: connecting, each stop "
                              f"(default {DEFAULT_TIMEOUT_S:g})")
+    target.add_argument("--hang-wait", type=int, metavar="S",
+                        help="seconds without a stop before gdbext looks for a hang (set "
+                             "xen-hang-wait; 0: off; default gdbext's)")
     sel = p.add_argument_group("what to check (passed to xen-mb2-break)")
     sel.add_argument("--only", action="append", type=_names, default=[], metavar="IDS",
                      help="only these checks, e.g. I4,I6 (repeatable)")
@@ -149,6 +152,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--assume-relocated qualifies --predict: give both")
     if args.memory < 64:
         p.error(f"-m {args.memory}: Xen needs at least 64 MiB")
+    if args.hang_wait is not None and args.hang_wait < 0:
+        p.error(f"--hang-wait {args.hang_wait}: give seconds >= 0 (0: no hang detection)")
     if args.xen_syms is None:
         if args.xen is not None:
             p.error("--xen needs the matching --xen-syms (Debian's would not match your image)")
@@ -293,6 +298,8 @@ class BootCheck:
             if self.lab is not None:
                 for setting in self.lab.gdb_settings():
                     self.gdb.execute(setting)
+            if args.hang_wait is not None:
+                self.gdb.execute(f"set xen-hang-wait {args.hang_wait}")
             self.gdb.execute(f"set tcp connect-timeout {max(1, int(args.timeout))}")
             # --timeout bounds the whole attach: TCP connect (above) and the stub's first
             # replies (a stub that accepts and stays silent would otherwise keep GDB

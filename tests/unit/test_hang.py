@@ -153,3 +153,14 @@ def test_hang_report_summary_and_dict():
     d = r.as_dict()
     assert d["state"] == "spin" and d["loop"] == [A] and d["console"] == ["Xen 4.17"]
     assert any("| Xen 4.17" in ln for ln in r.text())
+
+
+def test_sampling_stops_as_soon_as_the_cpu_moves_on():
+    moving = hang.CpuSample(A + 0x30, 0x2, False, tuple(A + 3 * i for i in range(17)))
+    assert hang.refuted([moving])
+    assert not hang.refuted([spin(A, [A, A + 2])])
+    assert hang.refuted([spin(A, [A, A + 2]), spin(A + 0x80, [A + 0x80])])
+    halted = hang.CpuSample(A + 1, 0x2 | IF, True, (A + 1,))
+    assert not hang.refuted([halted, halted])
+    assert hang.refuted([halted, hang.CpuSample(A + 9, 0x2 | IF, True, (A + 9,))])
+    assert hang.refuted([halted, spin(A, [A])])
