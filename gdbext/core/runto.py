@@ -158,10 +158,10 @@ class StopFacts:
     rip: int
     planted_fired: Tuple[int, ...] = ()   # addresses of planted breakpoints the event names
     other_fired: Tuple[int, ...] = ()     # numbers of other breakpoints the event names
-    fault_fired: Tuple[int, ...] = ()     # addresses of fault-catching breakpoints it names
     signal: Optional[str] = None          # the stop's signal ("SIGINT"), if it was one
     timer_fired: bool = False             # the wait's own timer sent its interrupt
     had_event: bool = True                # GDB reported a stop event at all
+    fault_fired: Tuple[int, ...] = ()     # addresses of fault-catching breakpoints it names
 
 
 def classify_stop(facts: StopFacts) -> str:

@@ -38,6 +38,7 @@ from ..core.xensyms import load_xen_syms
 from .addresses import parse_address
 from .backend import GdbTarget
 from .command import one_line
+from .fault_catch import FaultCatcher
 
 CONTROL_REGISTERS = ("cr0", "cr3", "cr4", "efer")
 # GDB's remote timeout while gdbext is loaded (see raise_remote_timeout).
@@ -64,6 +65,7 @@ class Settings:
     maxphyaddr: int = x86.MAXPHYADDR_ARCH
     phys_read: str = "auto"            # auto | packet | monitor-xp
     ignore_build_id: bool = False
+    catch_faults: bool = True          # set xen-catch-faults (fault_catch.py)
 
 
 @dataclass(frozen=True)
@@ -132,16 +134,23 @@ def raise_remote_timeout() -> None:
 
 
 def _stop_facts(event, rip: int, planted: Dict[int, "gdb.Breakpoint"],
-                timer_fired: bool) -> runto.StopFacts:
-    """GDB's stop event as plain facts for the core's classify_stop."""
+                timer_fired: bool, catching: Optional[Dict[int, "gdb.Breakpoint"]] = None
+                ) -> runto.StopFacts:
+    """GDB's stop event as plain facts for the core's classify_stop (``catching``: the
+    fault-catching breakpoints, by number)."""
     if event is None:
         return runto.StopFacts(rip, timer_fired=timer_fired, had_event=False)
+    catching = catching or {}
     fired = [bp for bp in getattr(event, "breakpoints", None) or [] if bp.is_valid()]
-    planted_at = tuple(loc.address & _U64 for bp in fired if bp.number in planted
-                       for loc in bp.locations)
-    others = tuple(bp.number for bp in fired if bp.number not in planted)
-    return runto.StopFacts(rip, planted_at, others, getattr(event, "stop_signal", None),
-                           timer_fired)
+
+    def at(numbers) -> tuple:
+        return tuple(loc.address & _U64 for bp in fired if bp.number in numbers
+                     for loc in bp.locations)
+
+    others = tuple(bp.number for bp in fired
+                   if bp.number not in planted and bp.number not in catching)
+    return runto.StopFacts(rip, at(planted), others, getattr(event, "stop_signal", None),
+                           timer_fired, fault_fired=at(catching))
 
 
 def _user_breakpoint_locations() -> Dict[int, set]:
@@ -175,6 +184,7 @@ class Context:
         self.settings = Settings()
         self.merge = merge_here.MergeRecord()
         self.boot_session = None    # a boot_session.BootSession while xen-mb2-break runs
+        self.faults = FaultCatcher(self)   # the exception-catching breakpoints, last crash
         self._events_connected = False
 
     # -- GDB's events -----------------------------------------------------------------
@@ -209,6 +219,7 @@ class Context:
         except (gdb.error, RuntimeError):
             return
         self.forget_merge_if_new_boot(pc)
+        self.faults.on_stop(event)
         if self.boot_session is not None:
             self.boot_session.on_stop(event)
 
@@ -579,30 +590,43 @@ class Context:
         bytes that arrived while the guest ran, the user's Ctrl-C or breakpoint) is
         one GdbextError line naming what was awaited, even when RIP equals a planted
         address. The timeout is the timer's SIGINT, and counts only if that SIGINT is
-        what stopped the guest."""
+        what stopped the guest. Before resuming, the fault-catching breakpoints are
+        armed for this stop (``self.faults``); a stop at one of them raises GuestCrashed
+        with the explanation."""
         remaining = timeout_at - time.monotonic()
         msg = (f"timed out waiting for Xen to reach {what} (is Xen booting? see the "
                "serial log)")
         if remaining <= 0:
             raise GdbextError(msg)
         planted = {bp.number: bp for bp in breakpoints if bp.is_valid()}
+        catcher = self.faults
+        try:
+            catcher.arm()
+        except (GdbextError, gdb.error) as err:
+            # Never a reason not to run: the run goes on uncaught, 'xen-fault' says why.
+            catcher.note = f"exceptions not caught: {one_line(err)}"
+        catching = catcher.breakpoint_map()
         events: list = []
         with _Timeout(remaining) as tm:
             def on_stop(event) -> None:
                 tm.stopped()
                 events.append(event)
             gdb.events.stop.connect(on_stop)
+            catcher.driving = True
             try:
                 gdb.execute("continue", to_string=True)
             finally:
+                catcher.driving = False
                 gdb.events.stop.disconnect(on_stop)
         try:
             rip = self.target.read_register("rip")
         except GdbextError:
             raise GdbextError(f"the guest stopped without registers while waiting for {what} "
                               "(did QEMU exit? see its log)") from None
-        facts = _stop_facts(events[-1] if events else None, rip, planted, tm.fired)
+        facts = _stop_facts(events[-1] if events else None, rip, planted, tm.fired, catching)
         kind = runto.classify_stop(facts)
+        if kind == runto.STOP_FAULT:
+            raise catcher.crash_at(rip)
         if kind == runto.STOP_PLANTED:
             return rip
         if kind == runto.STOP_TIMEOUT:
