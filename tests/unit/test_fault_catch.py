@@ -1,10 +1,13 @@
 """What the fault catching decides in the core: which catching applies for an IDTR,
 Xen's fatal paths in xen-syms, the faulting instruction's operands, Xen's console words."""
 
+import xml.etree.ElementTree as ET
+
 import pytest
 
 from gdbext import paths
-from gdbext.core import faults, x86decode, xenimage
+from gdbext.core import bootstops, faults, junit, mb2session, x86decode, xenimage
+from gdbext.host import bootcheck
 from gdbext.core.xensyms import load_xen_syms
 
 from . import fault_data as data
@@ -97,3 +100,58 @@ def test_explain_xen_fatal_names_the_caller_and_says_when_the_console_is_unknown
     bare = faults.explain_xen_fatal("machine_halt", halt, None, xen)
     assert bare.console_source is None and "console unknown" in "\n".join(bare.text())
     assert faults.crash_summary(bare) == "the guest crashed: Xen's fatal path: machine_halt"
+
+
+# --- how a crash ends a session and a boot check ------------------------------------------
+
+CRASH = {"kind": "fault", "summary": "the guest crashed: #PF at 0x3d9e6990 (efi_multiboot2+0x10 "
+         "(Xen, at its load address)): read, not present, CR2 0xffff82d040417740",
+         "vector": 14, "text": ["CPU exception 14: #PF (Page-Fault)", "  why     L4[261]: not present"]}
+
+
+def test_a_crash_ends_the_session_after_the_stops_reached(syms):
+    book = mb2session.SessionBook(bootstops.plan_for(syms), mb2session.SessionOptions())
+    entry = bootstops.plan_for(syms).stops[0]
+    book.load_base = 0x3D600000
+    book.record(syms, entry, entry.address(book.load_base), {"cr3": 0x3F801000}, {},
+                {"checks": [], "error": None}, None)
+    rec = book.record_crash(CRASH, 0x3F05983C)
+    assert rec["after"] == entry.name and rec["waiting_for"] == book.selected[1].name
+    r = book.result()
+    assert r["crash"] is rec and r["error"] == CRASH["summary"] and r["ok"] is False
+    assert r["reached"] == [entry.name]        # the stops before it are kept
+    assert CRASH["summary"] in bootstops.summary_text(r)
+    # Before any stop: nothing reached, the crash says so.
+    fresh = mb2session.SessionBook(bootstops.plan_for(syms), mb2session.SessionOptions())
+    assert fresh.record_crash(CRASH, None)["after"] is None
+
+
+def _crashed_result():
+    checks = [{"id": "I0", "title": "t", "status": "PASS", "summary": "ok", "evidence": {}}]
+    stops = [{"stop": "__efi64_mb2_start", "rip": 0x3D9DD531, "cr3": 0x3F801000,
+              "changes": {}, "checks": checks}]
+    crash = dict(CRASH, after="__efi64_mb2_start", waiting_for="call efi_multiboot2")
+    return {"load_base": 0x3D600000, "complete": False, "reached": ["__efi64_mb2_start"],
+            "stops": stops, "counts": junit.count_statuses(checks), "ok": False,
+            "error": CRASH["summary"], "crash": crash}
+
+
+def test_a_crash_is_exit_1_and_a_junit_failure_not_a_broken_run():
+    r = _crashed_result()
+    assert junit.exit_status(r) == junit.EXIT_FAILED
+    root = ET.fromstring(junit.junit_xml(r, ["__efi64_mb2_start", "call efi_multiboot2"]))
+    fails = [f for f in root.iter("failure") if f.get("type") == "CRASH"]
+    assert len(fails) == 1 and fails[0].get("message") == CRASH["summary"]
+    assert "after __efi64_mb2_start, waiting for call efi_multiboot2" in fails[0].text
+    assert "L4[261]: not present" in fails[0].text
+    assert not [e for e in root.iter("error") if e.get("type") == "RUN"]
+    # A run error besides the crash stays an error.
+    root = ET.fromstring(junit.junit_xml(r, [], run_error="GDB died"))
+    assert [e.get("message") for e in root.iter("error")] == ["GDB died"]
+
+
+def test_boot_check_verdict_names_the_crash():
+    report = {"result": _crashed_result(), "error": None}
+    line = bootcheck.verdict_line(report, junit.exit_status(report["result"]))
+    assert line == f"FAILED: {CRASH['summary']} (after __efi64_mb2_start)"
+    assert "  CPU exception 14: #PF (Page-Fault)" in bootcheck.summary_lines(report)
