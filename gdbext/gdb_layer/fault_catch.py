@@ -140,6 +140,29 @@ class FaultCatcher:
                 return     # planted at the next stop gdbext makes
             self.arm_quietly("xen-catch-faults")
 
+    def describe(self) -> str:
+        """What is caught now, in one line (xen-fault when nothing was caught)."""
+        if not self.enabled:
+            return "catching is off ('set xen-catch-faults on')"
+        if not self.active:
+            return "gdbext has not driven this boot yet"
+        if self.note:
+            return self.note
+        if self.kind == faults.CATCH_XEN:
+            return "catching at Xen's fatal paths (" + ", ".join(
+                str(w) for w in self.sites.values()) + ")"
+        if self.plan is not None:
+            vectors = sorted(v for vs in self.sites.values() for v in vs)
+            return (f"catching vectors {_ranges(vectors)} at {len(self.sites)} handler(s) of "
+                    f"the IDT at {self.plan.idt_base:#x}")
+        return "nothing planted yet"
+
+    def as_dict(self) -> dict:
+        return {"enabled": self.enabled, "active": self.active, "kind": self.kind,
+                "sites": [{"address": a, "what": w if isinstance(w, str) else list(w)}
+                          for a, w in sorted(self.sites.items())],
+                "text": self.describe()}
+
     # -- at a stop ------------------------------------------------------------------------
 
     def fired(self, event) -> bool:
@@ -240,6 +263,17 @@ class FaultCatcher:
         gdb.write(f"gdbext: {err.summary}\n" + "\n".join(report_lines(err)) +
                   "\n('xen-fault' shows this again; 'set xen-catch-faults off' stops "
                   "catching)\n")
+
+
+def _ranges(numbers: List[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out: List[str] = []
+    for n in numbers:
+        if out and out[-1][1] == n - 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in out)
 
 
 def report_lines(err: GuestCrashed) -> List[str]:

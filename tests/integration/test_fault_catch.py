@@ -22,6 +22,7 @@ from elftools.elf.elffile import ELFFile
 
 from gdbext import paths
 from gdbext.core import fwdump, qemulog, x86decode
+from gdbext.core.qemu import parse_descriptor_tables
 from gdbext.core.xensyms import load_xen_syms
 from gdbext.host.gdbdriver import lab_session
 from gdbext.host.lab import LabConfig
@@ -66,6 +67,22 @@ def firmware_dump(gdb, lab) -> fwdump.FirmwareDump:
     return d
 
 
+def firmware_handlers(gdb) -> set:
+    """The handler offsets of the present gates 0-31 of the IDT in force (the firmware
+    identity-maps its IDT: gva2gpa, then xp)."""
+    base, limit = parse_descriptor_tables(gdb.execute("monitor info registers").out)["idt"]
+    assert limit >= 32 * 16 - 1
+    pa = parse_gva2gpa(gdb.execute(f"monitor gva2gpa {base:#x}").out)
+    raw = qemu_xp(gdb, pa, 32 * 16)
+    out = set()
+    for v in range(32):
+        g = raw[16 * v:16 * v + 16]
+        if g[5] & 0x80:       # present
+            out.add(int.from_bytes(g[0:2], "little") | int.from_bytes(g[6:8], "little") << 16
+                    | int.from_bytes(g[8:12], "little") << 32)
+    return out
+
+
 def pf_events(log_path) -> list:
     return [e for e in qemulog.parse_int_log(log_path.read_text(errors="replace"))
             if isinstance(e, qemulog.IntEvent) and e.vector == 14]
@@ -82,6 +99,12 @@ def test_rfc_crash_is_caught_and_explained(xen_syms_path, syms, tmp_path):
     cfg = LabConfig(memory_mb=1024, extra_qemu_args=["-d", "int", "-D", str(int_log)])
     with lab_session(cfg, xen_syms_path) as (lab, gdb):
         run_to(gdb, ENTRY)
+        # Planted at the entry: the handlers of vectors 0-31 of the firmware's IDT, as
+        # QEMU's monitor shows IDTR and its bytes (gates decoded here by hand).
+        catching = gdb.execute("xen-fault --json").json()["catching"]
+        assert catching["kind"] == "firmware"
+        assert {s["address"] for s in catching["sites"]} == firmware_handlers(gdb)
+        assert sorted(v for s in catching["sites"] for v in s["what"]) == list(range(32))
         gdb.execute("xen-l4merge-apply --call-linked", timeout=180)
         t0 = time.monotonic()
         cont = gdb.execute("continue", timeout=CATCH_WITHIN_S * 4)
@@ -260,3 +283,28 @@ def test_healthy_boot_reports_no_crash(xen_syms_path):
         result = reply.json()
         assert result["crash"] is None and result["error"] is None and result["complete"]
         assert "no exception caught" in gdb.execute("xen-fault").out
+
+
+# --- (e) Xen's own fatal path, once Xen has its IDT ---------------------------------------
+
+def test_xen_panic_is_caught_at_its_fatal_path(xen_syms_path, syms):
+    """The lab boots no dom0: Xen panics ("dom0 kernel not specified" or the like) after
+    __start_xen. With Xen's IDT loaded gdbext catches Xen's fatal path, not its handlers:
+    the stop is at machine_halt (the lab's 'noreboot'), called from panic, after Xen
+    printed the panic on its console (the serial log, read here as the oracle)."""
+    with lab_session(LabConfig(memory_mb=1024), xen_syms_path) as (lab, gdb):
+        run_to(gdb, "__start_xen")
+        catching = gdb.execute("xen-fault --json").json()["catching"]
+        assert catching["kind"] == "xen"
+        assert {s["what"]: s["address"] for s in catching["sites"]} == {
+            n: syms.linked_va(n) for n in ("machine_halt", "machine_restart")}
+        cont = gdb.execute("continue", timeout=BOOT_TIMEOUT_S)
+        assert "the guest crashed: Xen's fatal path: machine_halt from panic+" in cont.out, \
+            cont.out
+        crash = last_crash(gdb)
+        assert crash["kind"] == "xen-fatal" and crash["symbol"] == "machine_halt"
+        assert crash["rip"] == syms.linked_va("machine_halt")
+        panic = syms.linked_va("panic")
+        assert panic <= crash["caller"]["address"] < panic + syms.lookup("panic").size
+        log = lab.serial_log.read_text(errors="replace")
+        assert "Panic on CPU 0" in log       # printed before the stop, as planned

@@ -28,16 +28,14 @@ class FaultCommand(XenCommand):
         catcher = self.ctx.faults
         err = catcher.last
         if err is None:
-            why = ("catching is off ('set xen-catch-faults on')" if not catcher.enabled else
-                   catcher.note or ("gdbext has not driven this boot yet" if not catcher.active
-                                    else f"{len(catcher.sites)} handler breakpoint(s) planted"))
             if args.json:
-                self.write_json({"crash": None, "note": why})
+                self.write_json({"crash": None, "catching": catcher.as_dict(),
+                                 "note": catcher.describe()})
             else:
-                emit(f"xen-fault: no exception caught ({why})", from_tty)
+                emit(f"xen-fault: no exception caught ({catcher.describe()})", from_tty)
             return
         if args.json:
-            self.write_json({"crash": err.as_dict()})
+            self.write_json({"crash": err.as_dict(), "catching": catcher.as_dict()})
         else:
             emit("\n".join([err.summary] + report_lines(err)), from_tty)
 
