@@ -37,6 +37,7 @@ from .addresses import parse_address
 from .backend import GdbTarget
 from . import hang_watch
 from .command import one_line
+from .fault_catch import FaultCatcher
 from .interrupt_timer import Timeout as _Timeout
 
 CONTROL_REGISTERS = ("cr0", "cr3", "cr4", "efer")
@@ -68,6 +69,7 @@ class Settings:
     serial_log: str = ""               # set xen-serial-log: COM1's file (hang reports)
     qemu_int_log: str = ""             # set xen-qemu-int-log: QEMU's -d int log (triple faults)
     qmp_socket: str = ""               # set xen-qmp-socket: QEMU's QMP socket (resets)
+    catch_faults: bool = True          # set xen-catch-faults (fault_catch.py)
 
 
 @dataclass(frozen=True)
@@ -100,16 +102,23 @@ def raise_remote_timeout() -> None:
 
 
 def _stop_facts(event, rip: int, planted: Dict[int, "gdb.Breakpoint"],
-                timer_fired: bool) -> runto.StopFacts:
-    """GDB's stop event as plain facts for the core's classify_stop."""
+                timer_fired: bool, catching: Optional[Dict[int, "gdb.Breakpoint"]] = None
+                ) -> runto.StopFacts:
+    """GDB's stop event as plain facts for the core's classify_stop (``catching``: the
+    fault-catching breakpoints, by number)."""
     if event is None:
         return runto.StopFacts(rip, timer_fired=timer_fired, had_event=False)
+    catching = catching or {}
     fired = [bp for bp in getattr(event, "breakpoints", None) or [] if bp.is_valid()]
-    planted_at = tuple(loc.address & _U64 for bp in fired if bp.number in planted
-                       for loc in bp.locations)
-    others = tuple(bp.number for bp in fired if bp.number not in planted)
-    return runto.StopFacts(rip, planted_at, others, getattr(event, "stop_signal", None),
-                           timer_fired)
+
+    def at(numbers) -> tuple:
+        return tuple(loc.address & _U64 for bp in fired if bp.number in numbers
+                     for loc in bp.locations)
+
+    others = tuple(bp.number for bp in fired
+                   if bp.number not in planted and bp.number not in catching)
+    return runto.StopFacts(rip, at(planted), others, getattr(event, "stop_signal", None),
+                           timer_fired, fault_fired=at(catching))
 
 
 def _user_breakpoint_locations() -> Dict[int, set]:
@@ -143,6 +152,7 @@ class Context:
         self.settings = Settings()
         self.merge = merge_here.MergeRecord()
         self.boot_session = None    # a boot_session.BootSession while xen-mb2-break runs
+        self.faults = FaultCatcher(self)   # the exception-catching breakpoints, last crash
         self._events_connected = False
 
     # -- GDB's events -----------------------------------------------------------------
@@ -177,6 +187,7 @@ class Context:
         except (gdb.error, RuntimeError):
             return
         self.forget_merge_if_new_boot(pc)
+        self.faults.on_stop(event)
         if self.boot_session is not None:
             self.boot_session.on_stop(event)
 
@@ -547,7 +558,9 @@ class Context:
         bytes that arrived while the guest ran, the user's Ctrl-C or breakpoint) is
         one GdbextError line naming what was awaited, even when RIP equals a planted
         address. The timeout is the timer's SIGINT, and counts only if that SIGINT is
-        what stopped the guest.
+        what stopped the guest. Before resuming, the fault-catching breakpoints are
+        armed for this stop (``self.faults``); a stop at one of them raises GuestCrashed
+        with the explanation.
 
         A stop not come within 'set xen-hang-wait' seconds is looked into (hang_watch:
         GuestCrashed("hang") only for a CPU halted or in one loop; a CPU that moves on
@@ -562,23 +575,34 @@ class Context:
         planted = {bp.number: bp for bp in breakpoints if bp.is_valid()}
         hang_wait = self.settings.hang_wait if hang_check else 0
         wait = min(remaining, hang_wait) if hang_wait > 0 else remaining
+        catcher = self.faults
+        try:
+            catcher.arm()
+        except (GdbextError, gdb.error) as err:
+            # Never a reason not to run: the run goes on uncaught, 'xen-fault' says why.
+            catcher.note = f"exceptions not caught: {one_line(err)}"
+        catching = catcher.breakpoint_map()
         events: list = []
         with _Timeout(wait) as tm:
             def on_stop(event) -> None:
                 tm.stopped()
                 events.append(event)
             gdb.events.stop.connect(on_stop)
+            catcher.driving = True
             try:
                 gdb.execute("continue", to_string=True)
             finally:
+                catcher.driving = False
                 gdb.events.stop.disconnect(on_stop)
         try:
             rip = self.target.read_register("rip")
         except GdbextError:
             raise GdbextError(f"the guest stopped without registers while waiting for {what} "
                               "(did QEMU exit? see its log)") from None
-        facts = _stop_facts(events[-1] if events else None, rip, planted, tm.fired)
+        facts = _stop_facts(events[-1] if events else None, rip, planted, tm.fired, catching)
         kind = runto.classify_stop(facts)
+        if kind == runto.STOP_FAULT:
+            raise catcher.crash_at(rip)
         if kind == runto.STOP_PLANTED:
             return rip
         if kind == runto.STOP_TIMEOUT:

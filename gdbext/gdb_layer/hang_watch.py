@@ -98,19 +98,24 @@ def take_sample(ctx, planted: Dict[int, "gdb.Breakpoint"]):
                 at_hlt = True
                 break
             events = []
+            catcher = ctx.faults
             with Timeout(hang.STEP_TIMEOUT_S) as tm:
                 def on_stop(event) -> None:
                     tm.stopped()
                     events.append(event)
                 gdb.events.stop.connect(on_stop)
+                catcher.driving = True
                 try:
                     gdb.execute("stepi", to_string=True)
                 finally:
+                    catcher.driving = False
                     gdb.events.stop.disconnect(on_stop)
             t.invalidate()
             if tm.fired:
                 break          # the step did not end: the CPU sleeps (an NMI-only wait)
             rip = t.read_register("rip")
+            if events and catcher.fired(events[-1]):
+                raise catcher.crash_at(rip)   # the step entered an exception handler
             # A step that lands on a planted address executed the instruction before it:
             # the guest really got there (GDB may or may not name the breakpoint for a
             # step), and a 'continue' from here would step over it unseen.

@@ -100,4 +100,6 @@ def run_to(ctx, symbol: str, timeout: float, load_base: Optional[int] = None,
         base = p.base_by_address[rip]
         ctx.set_load_base(base, f"RIP at {symbol}")
         result.update(at="load address", load_base=base)
+    # The user's own 'continue' from here is caught too (IDT and CR3 of this stop).
+    ctx.faults.arm_quietly(who)
     return result

@@ -1,6 +1,7 @@
 """gdbext's GDB settings: ``set xen-maxphyaddr``, ``set xen-phys-read``,
-``set xen-ignore-build-id``, ``set xen-hang-wait``, ``set xen-serial-log``,
-``set xen-qemu-int-log``, ``set xen-qmp-socket``. Each parameter writes its value into the context's
+``set xen-ignore-build-id``, ``set xen-catch-faults``, ``set xen-hang-wait``,
+``set xen-serial-log``, ``set xen-qemu-int-log``, ``set xen-qmp-socket``. Each parameter
+writes its value into the context's
 ``settings`` (and the phys-read method into its target), where the rest reads it."""
 
 from __future__ import annotations
@@ -74,6 +75,30 @@ the same (e.g. you rebuilt with a changed build-id only)."""
 
     def get_set_string(self) -> str:
         self.ctx.settings.ignore_build_id = bool(self.value)
+        return ""
+
+
+class CatchFaults(gdb.Parameter):
+    """Whether gdbext catches the guest's CPU exceptions while it drives the boot.
+
+On (the default): from the first stop gdbext makes (xen-run-to, xen-mb2-break,
+xen-l4merge-apply --call-linked), silent breakpoints sit on the handlers of
+vectors 0-31 of the IDT in force (the firmware's), and on Xen's fatal paths once
+Xen has loaded its own IDT; a crash stops the guest there and is explained
+(xen-fault shows it again). Off: those breakpoints are removed now and none is
+planted; a crash then goes unseen by GDB, as without gdbext."""
+
+    set_doc = "Set whether gdbext catches the guest's CPU exceptions during boot."
+    show_doc = "Show whether gdbext catches the guest's CPU exceptions during boot."
+
+    def __init__(self, ctx) -> None:
+        super().__init__("xen-catch-faults", gdb.COMMAND_RUNNING, gdb.PARAM_BOOLEAN)
+        self.ctx = ctx
+        self.value = ctx.settings.catch_faults
+
+    def get_set_string(self) -> str:
+        self.ctx.settings.catch_faults = bool(self.value)
+        self.ctx.faults.set_enabled(bool(self.value))
         return ""
 
 
@@ -154,7 +179,7 @@ The lab sets it; empty: not known."""
 
 
 def install(ctx) -> None:
-    for cls in (MaxPhyAddr, PhysRead, IgnoreBuildId, HangWait, SerialLog, QemuIntLog,
-                QmpSocket):
+    for cls in (MaxPhyAddr, PhysRead, IgnoreBuildId, CatchFaults, HangWait, SerialLog,
+                QemuIntLog, QmpSocket):
         cls(ctx)
 

@@ -12,13 +12,19 @@ the size the goal is set for): (a) ``xen-locate --scan`` as a user runs it (top-
 stops at the image); (b) the full scan of every candidate base (what a miss costs),
 and its cost per candidate; and checks that the scan's B equals the one from RIP
 (goal: the full scan under 2 s on a 4 GiB guest).
+
+``scripts/bench-catch``: what the fault-catching breakpoints cost on a healthy boot
+(``xen-mb2-break --batch`` from the entry to __start_xen, catching on and off, in
+alternating boots; goal: under 3 % slower).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 
 from .gdbdriver import lab_session
 from .lab import LabConfig
@@ -86,7 +92,60 @@ def main_locate(argv=None) -> int:
     return 0
 
 
-MAINS = {"pt": main_pt, "locate": main_locate}
+def catch_run(memory_mb: int, catching: bool) -> dict:
+    """One boot: to __efi64_mb2_start (not timed), then ``xen-mb2-break --batch`` to its
+    last stop (__start_xen) with fault catching on or off, timed from the host."""
+    with lab_session(LabConfig(memory_mb=memory_mb)) as (_lab, gdb):
+        gdb.execute(f"xen-run-to __efi64_mb2_start --timeout {ENTRY_TIMEOUT_S}",
+                    timeout=ENTRY_TIMEOUT_S + 60)
+        note = gdb.execute("xen-fault --json").json().get("note")
+        if not catching:
+            gdb.execute("set xen-catch-faults off")
+        started = time.monotonic()
+        result = gdb.execute(f"xen-mb2-break --batch --json --timeout {ENTRY_TIMEOUT_S}",
+                             timeout=ENTRY_TIMEOUT_S * 4, check=False).json()
+        seconds = time.monotonic() - started
+    if result.get("crash") or not result.get("complete"):
+        raise SystemExit(f"bench-catch: the session did not complete: {result.get('error')}")
+    return {"seconds": seconds, "reached": result["reached"][-1], "at_entry": note}
+
+
+def main_catch(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="scripts/bench-catch",
+        description="What the fault-catching breakpoints cost on a healthy boot: "
+        "xen-mb2-break --batch from __efi64_mb2_start to __start_xen, catching on and off, "
+        "in alternating boots (pairs), medians and the median of the pairwise ratios "
+        "(goal: under 3 %% slower).")
+    p.add_argument("-m", "--memory", type=int, default=1024, metavar="MB")
+    p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    on, off, ratios = [], [], []
+    note = None
+    for _ in range(args.pairs):
+        a = catch_run(args.memory, True)
+        b = catch_run(args.memory, False)
+        note = a["at_entry"]
+        on.append(a["seconds"])
+        off.append(b["seconds"])
+        ratios.append(a["seconds"] / b["seconds"])
+    r = {"pairs": args.pairs, "on_s": on, "off_s": off, "on_median_s": statistics.median(on),
+         "off_median_s": statistics.median(off), "ratio_median": statistics.median(ratios),
+         "ratios": ratios, "planted_at_entry": note, "last_stop": a["reached"]}
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"at the entry: {note}")
+    print(f"xen-mb2-break --batch, entry to {r['last_stop']}, {args.pairs} pairs:")
+    print(f"  catching on:   {r['on_median_s']:.2f} s median ({', '.join(f'{x:.2f}' for x in on)})")
+    print(f"  catching off:  {r['off_median_s']:.2f} s median ({', '.join(f'{x:.2f}' for x in off)})")
+    print(f"  on/off:        {r['ratio_median']:.3f} median of pairs "
+          f"({(r['ratio_median'] - 1) * 100:+.1f} %; goal under +3 %)")
+    return 0
+
+
+MAINS = {"pt": main_pt, "locate": main_locate, "catch": main_catch}
 
 
 def main(argv=None) -> int:

@@ -377,6 +377,9 @@ def summary_lines(report: dict) -> List[str]:
         lines.append(f"  {stop.get('stop')}: {shown or 'no checks'}")
     for check in junit.failed_checks(result):
         lines.append(f"  FAIL {check.get('id')} at {check.get('stop')}: {check.get('summary')}")
+    crash = result.get("crash")
+    if crash:
+        lines.extend("  " + str(t) for t in crash.get("text") or [crash.get("summary")])
     return lines
 
 
@@ -386,6 +389,10 @@ def verdict_line(report: dict, status: int) -> str:
     tally = ", ".join(f"{n} {s}" for s, n in counts.items())
     if status == junit.EXIT_OK:
         return f"ok: every check passed ({tally}); reached {len(result.get('reached') or [])} stops"
+    if status == junit.EXIT_FAILED and result.get("crash"):
+        crash = result["crash"]
+        where = f" (after {crash['after']})" if crash.get("after") else ""
+        return f"FAILED: {crash.get('summary') or 'the guest crashed'}{where}"
     if status == junit.EXIT_FAILED:
         failed = junit.failed_checks(result)
         names = ", ".join(f"{c.get('id')}@{c.get('stop')}" for c in failed)
