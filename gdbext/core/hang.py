@@ -321,8 +321,12 @@ class ShutdownReport:
             names = [faults.vector_info(v).mnemonic or str(v) for v in t.vectors]
             where = (f" at {t.first_rip:#x} ({self.first_name.text})"
                      if t.first_rip is not None and self.first_name is not None else "")
-            return (f"the guest triple-faulted: {names[0]}{where}, then "
-                    + " -> ".join(names[1:] + ["triple fault"])
+            # A fault while delivering a fault is a #DF; one while delivering the #DF, a
+            # triple fault (SDM vol. 3A, 6.15).
+            steps = [f"{name} delivering {'it' if i == 1 else 'the #DF'} -> "
+                     + ("triple fault" if i == len(names) - 1 else "#DF")
+                     for i, name in enumerate(names) if i]
+            return (f"the guest triple-faulted: {names[0]}{where}; " + "; ".join(steps)
                     + "; QEMU paused it instead of resetting")
         return (f"the guest reset or shut down (a triple fault, or a reset the guest "
                 f"asked for) at RIP {self.rip:#x} ({self.rip_name.text}); QEMU paused it "
