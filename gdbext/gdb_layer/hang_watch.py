@@ -177,8 +177,7 @@ def shutdown_crash(ctx, what: str) -> Optional[GuestCrashed]:
     crash to raise: a triple fault with its chain from QEMU's -d int log, or a reset
     the guest asked for. None when the machine is not in that state."""
     t = ctx.target
-    status = t.monitor("info status")
-    if hang.status_word(status) != "shutdown":
+    if not paused_at_shutdown(ctx):
         return None
     info = t.monitor("info registers")
     regs = qemu.parse_info_registers(info)
@@ -200,8 +199,12 @@ def shutdown_crash(ctx, what: str) -> Optional[GuestCrashed]:
 
 
 def paused_at_shutdown(ctx) -> bool:
-    """QEMU holds the machine paused at a shutdown: 'continue' does nothing until a reset."""
-    return hang.status_word(ctx.target.monitor("info status")) == "shutdown"
+    """QEMU holds the machine paused at a shutdown: 'continue' does nothing until a reset.
+    False when the stub has no QEMU monitor to ask."""
+    try:
+        return hang.status_word(ctx.target.monitor("info status")) == "shutdown"
+    except (GdbextError, gdb.error):
+        return False
 
 
 def reset_machine(ctx) -> None:
