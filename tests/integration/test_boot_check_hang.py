@@ -1,10 +1,10 @@
 """xen-boot-check on a guest that hangs: exit 1, the hang named on stderr, in the JSON
 report and as a JUnit failure, soon after the hang wait.
 
-The lab is booted to __efi64_mb2_start by GDB (gdbext), 'jmp .' is written at the
-entry (by the test), and GDB detaches: the guest spins there. xen-boot-check then
-attaches (--connect) with --hang-wait 5: the session meets the entry stop (the loop
-runs through it) and no other stop comes. The expected RIP and name come from
+The lab is booted to __efi64_mb2_start by GDB (gdbext), 'nop; nop; jmp .' is written
+at the entry (by the test), and GDB detaches: the guest spins two bytes past the entry
+(not on it: GDB resuming from a breakpoint on a 'jmp .' would step over it forever).
+xen-boot-check then attaches (--connect) with --hang-wait 5: no stop comes. The expected RIP and name come from
 QEMU's registers and xen-syms.
 """
 
@@ -27,21 +27,22 @@ def test_boot_check_reports_a_hang(tmp_path):
     with lab_session(LabConfig(memory_mb=1024), paths.XEN_DEBIAN_SYMS) as (lab, gdb):
         entry = gdb.execute("xen-run-to __efi64_mb2_start --json --timeout 240",
                             timeout=300).json()["rip"]
-        gdb.execute(f"set {{unsigned char[2]}} {entry:#x} = {{235, 254}}")   # jmp .
-        gdb.close()                       # detach: the guest spins at the entry
+        gdb.execute(f"set {{unsigned char[4]}} {entry:#x} = {{144, 144, 235, 254}}")
+        gdb.close()                       # detach: the guest spins at entry + 2
         t = time.monotonic()
         proc, report, root = boot_check(tmp_path, "--connect", lab.gdb_target,
                                         "--hang-wait", str(HANG_WAIT_S), "--timeout", "120")
         took = time.monotonic() - t
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    named = f"{syms.describe(syms.linked_va('__efi64_mb2_start'))} (Xen, at its load address)"
+    spin = entry + 2
+    named = (f"{syms.describe(syms.linked_va('__efi64_mb2_start') + 2)} (Xen, at its load "
+             "address)")
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "the guest hung" in lines[0], proc.stderr
-    assert f"spinning at {entry:#x} ({named})" in lines[0], lines[0]
+    assert f"spinning at {spin:#x} ({named})" in lines[0], lines[0]
     crash = report["result"]["crash"]
-    assert crash["kind"] == "hang" and crash["state"] == "spin" and crash["rip"] == entry
-    assert crash["loop"] == [entry]
-    assert "__efi64_mb2_start" in report["result"]["reached"]
+    assert crash["kind"] == "hang" and crash["state"] == "spin" and crash["rip"] == spin
+    assert crash["loop"] == [spin]
     failures = [f for suite in root.findall("testsuite") for case in suite.findall("testcase")
                 for f in case.findall("failure")]
     assert any("the guest hung" in (f.get("message") or "") for f in failures), \
