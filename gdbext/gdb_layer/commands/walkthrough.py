@@ -430,6 +430,9 @@ class WalkthroughCommand(XenCommand):
         emit(wt.wrap(lesson.text))
         emit("")
         run_to(ctx, bs.ENTRY, args.timeout, who="xen-walkthrough", announce=not args.json)
+        xen = ctx.require_loaded()
+        item["load_base"] = xen.load_base
+        emit(wt.load_base_line(xen))
         item["apply"] = self._merge_command("xen-l4merge-apply --call-linked", args.json, emit)
         emit("(gdb) continue")
         crash = None
