@@ -188,6 +188,9 @@ def test_static_pointer_crash_names_the_table_and_index(xen_syms_path, syms, tmp
         wheres = [s["where"] for s in prov["stored_at"]]
         assert f"{table}[{code}]" in wheres
         assert "a static pointer holding a linked VA" in prov["message"]
+        # ... and the position-independence check's finding that predicted it (issue 12).
+        assert crash["predicted_by"]["slot"] == f"{table}[{code}]"
+        assert crash["predicted_by"]["value"] == expected_cr2
         # The faulting instruction's operand that used it, decoded at RIP.
         ops = crash["instruction"]["memory_operands"]
         assert [o["address"] for o in ops] == [expected_cr2]
