@@ -789,6 +789,9 @@ class FaultReport:
     provenance: Optional[Provenance]
     instruction: Optional[InstructionHint]
     caller: Optional[AddressName] = None   # a fetch fault's return address at RSP, named
+    # The static finding of the position-independence check that predicted this fault
+    # (piccheck's prediction as a dict with "text"), when the GDB layer found one.
+    predicted_by: Optional[Dict[str, object]] = None
 
     @property
     def error_text(self) -> Optional[str]:
@@ -828,6 +831,8 @@ class FaultReport:
             lines.append(f"  why     {self.walk.reason}")
         if self.provenance is not None:
             lines.append(f"  origin  {self.provenance.message}")
+        if self.predicted_by is not None:
+            lines.append(f"  static  {self.predicted_by.get('text')}")
         return lines
 
     def as_dict(self) -> Dict[str, object]:
@@ -842,7 +847,7 @@ class FaultReport:
                 "provenance": self.provenance.as_dict() if self.provenance else None,
                 "instruction": self.instruction.as_dict() if self.instruction else None,
                 "caller": self.caller.as_dict() if self.caller else None,
-                "summary": self.summary()}
+                "predicted_by": self.predicted_by, "summary": self.summary()}
 
 
 def root_name(root: int, xen: Optional[xenimage.LoadedXen], given: Optional[str] = None) -> str:

@@ -168,8 +168,9 @@ class SessionBook:
 
     def record_crash(self, crash: dict, rip: Optional[int]) -> dict:
         """The guest crashed (``crash``: GuestCrashed.as_dict()) after the stops reached:
-        the session ends there; the crash says between which stops it happened."""
-        rec = dict(crash, rip=rip,
+        the session ends there; the crash says between which stops it happened, and
+        where the guest is stopped now (``stopped_at``: the handler, or the fatal path)."""
+        rec = dict(crash, stopped_at=rip,
                    after=self.records[-1]["stop"] if self.records else None,
                    waiting_for=self.next_name() if self.more_to_come() else None)
         self.crash = rec

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from . import stopnames, x86
+from . import piccheck, stopnames, x86
 from .bootstops import CALL_RAX
 from .errors import GdbextError, MemoryReadError
 from .memory import PageCache, PhysMemory, qwords
@@ -35,8 +34,7 @@ from .paging import (ATTR_NX, ATTR_W, MODE_4LEVEL, Decoder, PagingContext, Walk,
                      enumerate_ranges, read_table, walk)
 from .xenimage import (ABSOLUTE, FOREIGN, IDLE_L4, NOT_PRESENT, RELOCATED, RELOCATED_TWICE,
                        UNRELOCATED, LoadedXen)
-from .xensyms import (PAGE_TABLES_END_SYMBOL, PAGE_TABLES_START_SYMBOL, SHF_ALLOC,
-                      SHF_EXECINSTR, XEN_PHYS_START_SYMBOL)
+from .xensyms import PAGE_TABLES_END_SYMBOL, PAGE_TABLES_START_SYMBOL, XEN_PHYS_START_SYMBOL
 
 # Where I9 judges the tables even if CR3 is not (yet) idle_pg_table.
 I9_STOPS = (stopnames.TABLES_RELOCATED, stopnames.L2_XENMAP_FILLED, stopnames.TRAMPOLINE_CR3)
@@ -818,23 +816,129 @@ def check_table_placement(inp: CheckInputs) -> CheckResult:
 
 def check_pointer_provenance(inp: CheckInputs) -> CheckResult:
     """I13: register pointers into Xen at the load address and at the linked VA do
-    not live together (WARN when they do)."""
+    not live together (WARN when they do); and the static findings on the path from
+    the entry to efi_multiboot2's call (xen-pic-check: code run at the load address
+    that dereferences linked VAs) are cited with whether the tables checked map those
+    linked VAs at the load address (WARN when a finding's VA is not: it faults there)."""
     regs = {r: inp.regs[r] for r in _GPRS if r in inp.regs}
     if not regs:
         raise _Skip("no general registers known")
     low = {r: v for r, v in regs.items() if inp.xen.in_image(v)}
     high = {r: v for r, v in regs.items() if inp.syms.in_image(v)}
+    static = _static_findings(inp)
     ev: Dict[str, object] = {"load_address": low, "linked": high,
-                             "static_pointers": static_pointer_count(inp.syms)}
+                             **{k: v for k, v in static.items() if k != "tables_name"}}
+    # The texts are in the summary; the evidence keeps the facts.
+    if "findings" in ev:
+        ev["findings"] = [{k: v for k, v in f.items() if k != "text"}
+                          for f in ev["findings"]]
+    problems = []
     if low and high:
-        return result("I13", WARN, "pointers into Xen at the load address ("
-                      + ", ".join(f"%{r}" for r in low) + ") and at the linked address ("
-                      + ", ".join(f"%{r}" for r in high) + ") live together: a difference "
-                      "or comparison between them is wrong", ev)
+        problems.append("pointers into Xen at the load address ("
+                        + ", ".join(f"%{r}" for r in low) + ") and at the linked address ("
+                        + ", ".join(f"%{r}" for r in high) + ") live together: a difference "
+                        "or comparison between them is wrong")
+    findings = static.get("findings") or []
+    unmapped = [f for f in findings if not f["mapped_at_load"]]
+    if unmapped:
+        problems.append(f"{len(unmapped)} of {len(findings)} finding(s) on the path to "
+                        f"{CALL_TARGET}'s call use linked VAs {static['tables_name']} does not "
+                        "map at the load address: " + _cited(unmapped))
+    if problems:
+        return result("I13", WARN, "; ".join(problems), ev)
     where = "linked" if high else "load address" if low else "none"
-    return result("I13", PASS, f"no mixing: register pointers into Xen are {where}; "
-                  f"{ev['static_pointers']} static pointers hold linked VAs (valid only "
-                  "while the high half is mapped)", ev)
+    summary = f"no mixing: register pointers into Xen are {where}"
+    if findings:
+        summary += (f"; {len(findings)} finding(s) on the path to {CALL_TARGET}'s call use "
+                    f"linked VAs, all mapped at the load address by {static['tables_name']} "
+                    "(they work only while it maps the upper half): " + _cited(findings))
+    elif "static_note" in static:
+        summary += f"; {static['static_note']}"
+    else:
+        summary += (f"; no finding of {piccheck.PROG} on the path from {stopnames.ENTRY} to "
+                    f"{CALL_TARGET}'s call")
+    return result("I13", PASS, summary, ev)
+
+
+def _static_findings(inp: CheckInputs) -> Dict[str, object]:
+    """xen-pic-check's findings on the path to efi_multiboot2's call, each with whether
+    the tables checked (M, else CR3) map the linked VAs it uses at the load address."""
+    root = inp.root
+    if root is not None:
+        tables_name = f"M at {root:#x}"
+    elif "cr3" in inp.regs:
+        root = inp.regs["cr3"] & inp.addr_mask & ~x86.CR3_FLAGS_MASK
+        owner = inp.image_name(root) or "the firmware's L4"
+        tables_name = f"CR3 ({owner} at {root:#x})"
+    else:
+        return {"static_note": "the tables at the call are unknown (no M, no CR3): the "
+                "static findings cannot be judged"}
+    try:
+        # The verdicts are the firmware's (upper half unmapped); each finding's mapping
+        # under the tables checked is judged here, per linked VA.
+        found = piccheck.findings_for_call(inp.syms)
+    except GdbextError as err:
+        return {"static_note": f"no static check ({err})", "tables": root,
+                "tables_name": tables_name}
+    out = []
+    for f in found:
+        vas = sorted({v for _, v, _ in f.values} | ({f.value} if f.value is not None else set()))
+        wrong = []      # (va, the PA it reaches or None, why not)
+        for va in vas:
+            try:
+                w = inp.walk(root, va)
+            except MemoryReadError as err:   # a table the upper half points to is not RAM
+                wrong.append((va, None, f"unreadable table: {err}"))
+                continue
+            if w.pa != inp.state.load_base + inp.syms.offset(va):
+                wrong.append((va, w.pa, w.fault))
+        out.append(_finding_evidence(f, vas, wrong))
+    return {"tables": root, "tables_name": tables_name, "findings": out,
+            "upper_half_at_load": all(f["mapped_at_load"] for f in out)}
+
+
+_VERBS = {piccheck.READS_POINTER: "reads", piccheck.TAKES_ADDRESS: "takes the address of",
+          piccheck.JUMP_TABLE: "jumps through", piccheck.ABSOLUTE: "uses"}
+
+
+def _finding_evidence(f, vas: List[int], wrong) -> Dict[str, object]:
+    """One finding for I13's evidence, and its text: function+offset, what it does to
+    which object[index], the linked VA and whose it is, and the first VA not mapped at
+    the load address under the tables checked."""
+    where = f.where.split("#")[-1]
+    what = f"{f.value:#x} ({f.value_symbol})" if f.value is not None else "a linked VA"
+    if f.object:
+        obj = f.object.split("#")[-1]
+        if f.values and (f.index is None or f.kind == piccheck.TAKES_ADDRESS):
+            i, v, owner = f.values[0]
+            slot = "" if f.kind == piccheck.TAKES_ADDRESS else "[reg]"
+            what = f"{obj}{slot} ({len(f.values)} linked VA(s), first [{i}] = {v:#x}, {owner})"
+        else:
+            what = f"{obj}[{f.index}] = {what}"
+    text = f"{where} {_VERBS[f.kind]} {what}"
+    if wrong:
+        va, pa, fault = wrong[0]
+        how = f"not mapped ({fault})" if pa is None else f"mapped at {pa:#x}, not at B + offset"
+        text += f": {va:#x} {how}" + (f", {len(wrong) - 1} more not at the load address"
+                                      if len(wrong) > 1 else "")
+    return {"kind": f.kind, "where": f.where, "instruction": f.instruction,
+            "object": f.object, "index": f.index, "value": f.value,
+            "value_symbol": f.value_symbol, "linked_vas": vas, "chain": list(f.chain),
+            "mapped_at_load": not wrong, "unmapped_count": len(wrong),
+            "first_unmapped": (dict(zip(("va", "pa", "fault"), wrong[0])) if wrong
+                               else None),
+            "text": text}
+
+
+def _cited(findings: Sequence[Dict[str, object]]) -> str:
+    """The findings' texts, then each call chain once."""
+    chains: List[str] = []
+    for f in findings:
+        c = piccheck.chain_text(f["chain"])
+        if c not in chains:
+            chains.append(c)
+    return "; ".join(f["text"] for f in findings) + " (" + "; ".join(
+        f"chain {c}" for c in chains) + ")"
 
 
 def _kind_counts(faults: Sequence[PointerFault]) -> Dict[str, int]:
@@ -842,33 +946,6 @@ def _kind_counts(faults: Sequence[PointerFault]) -> Dict[str, int]:
     for f in faults:
         out[f.kind] = out.get(f.kind, 0) + 1
     return out
-
-
-_STATIC_POINTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def static_pointer_count(syms) -> int:
-    """Qwords in the ELF's initialised non-code sections holding a linked VA
-    inside [_start, _end): the static pointers Jan's review is about."""
-    hit = _STATIC_POINTERS.get(syms)
-    if hit is not None:
-        return hit
-    n = 0
-    lo, hi = syms.image_start, syms.image_end
-    for sec in getattr(syms, "sections", ()):
-        if sec.type != "SHT_PROGBITS" or not sec.flags & SHF_ALLOC or sec.flags & SHF_EXECINSTR:
-            continue
-        start = (sec.addr + 7) & ~7
-        count = (sec.addr + sec.size - start) // 8
-        if count <= 0:
-            continue
-        vals = struct.unpack(f"<{count}Q", syms.read_linked(start, 8 * count))
-        n += sum(1 for v in vals if lo <= v < hi)
-    try:
-        _STATIC_POINTERS[syms] = n
-    except TypeError:
-        pass
-    return n
 
 
 # --- the registry: id -> (the function that checks it, its catalog entry) --------------

@@ -54,6 +54,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from . import x86decode
 from .errors import GdbextError
 from .stopnames import ENTRY, EFI_MB2
+from .x86 import PAGE_SIZE
 from .x86decode import IMM, MEM, REG, Instruction
 
 # -- finding kinds -----------------------------------------------------------------
@@ -88,7 +89,7 @@ TRAMPOLINE = ("trampoline_start", "trampoline_end")
 # GCC's retpoline thunks: ``call __x86_indirect_thunk_rax`` is ``call *%rax``.
 RETPOLINE_THUNK = "__x86_indirect_thunk_"
 
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2   # 2: values of unnamed data named by section
 _STOPS_FLOW = ("jmp", "ret", "lret", "iret", "ud2", "hlt")  # mnemonic prefixes ending a label
 
 
@@ -183,6 +184,9 @@ class PicReport:
     def counts(self) -> Dict[str, int]:
         c = collections.Counter(f.kind for f in self.findings)
         return {k: c.get(k, 0) for k in KINDS}
+
+    def text(self) -> str:
+        return render_text(self)
 
     def function(self, name: str) -> Optional[FunctionSummary]:
         for f in self.functions:
@@ -294,7 +298,7 @@ def pe_static_pointers(syms, efi_path: Union[str, Path],
     if map_path is None:
         raise GdbextError(f"{efi_path}: no {efi_path.name}.map found beside it or xen-syms; "
                           "xen.efi is laid out differently from xen-syms and its map is needed "
-                          "to place the relocations (pass --xen-efi-map)")
+                          "to place the relocations (pass --efi-map)")
     from .xensyms import load_map
     emap = load_map(map_path)
     from .xensyms import SHF_EXECINSTR
@@ -436,6 +440,14 @@ def _mode_of(syms, qual: str, sym) -> int:
     return 64
 
 
+def value_name(syms, va: int) -> str:
+    """Whose linked VA ``va`` is: ``name+0x12`` inside a sized symbol, else its section
+    (a string literal has no symbol: the nearest one below would be a lie)."""
+    # Imported here: the crash report (faults) may come to import this module.
+    from .faults import describe_linked
+    return describe_linked(syms, va)
+
+
 class _Walker:
     def __init__(self, syms, pointers: StaticPointers, upper_half_mapped: bool):
         self.syms = syms
@@ -479,6 +491,9 @@ class _Walker:
 
     def describe(self, va: int) -> str:
         return self.syms.describe(va)
+
+    def name_value(self, va: int) -> str:
+        return value_name(self.syms, va)
 
     def verdict(self, kind: str, value: Optional[int]) -> Tuple[bool, str]:
         if self.upper_half_mapped:
@@ -594,11 +609,11 @@ class _Walker:
         values: List[List[object]] = []
         if obj is not None and (index is None or kind == TAKES_ADDRESS):
             values = [[(loc - obj[1]) // 8, self.ptr.values[loc],
-                       self.describe(self.ptr.values[loc])] for loc in obj[3]]
+                       self.name_value(self.ptr.values[loc])] for loc in obj[3]]
         self.findings.append(Finding(
             kind, qual, insn.address - start, insn.address, insn.text,
             obj[0] if obj else None, obj[1] if obj else None, index, value,
-            self.describe(value) if value is not None else None,
+            self.name_value(value) if value is not None else None,
             len(obj[3]) if obj else 0, list(chain), faults, verdict,
             f"{self.describe(via.address)}: {via.text}" if via is not None else None,
             values))
@@ -712,6 +727,10 @@ def check(syms, functions: Optional[Sequence[str]] = None,
     entries = list(functions) if functions else [ENTRY]
     for name in entries:
         resolve_function(syms, name)
+    for path in (efi, efi_map):
+        if path is not None and not Path(path).is_file():
+            raise GdbextError(f"{path}: no such file (give xen.efi of the same build as "
+                              f"{Path(syms.path).name}, and its .map)")
     key = _cache_key(syms, entries, efi, efi_map, upper_half_mapped)
     cf = _cache_path(syms, key) if cache else None
     if cf is not None:
@@ -760,27 +779,184 @@ def resolve_function(syms, name: str) -> str:
     except AmbiguousSymbolError:
         raise
     except GdbextError:
-        names = sorted({s.name for s in syms if s.type in "TtWw"})
-        near = difflib.get_close_matches(name, names, n=4, cutoff=0.6)
+        near = difflib.get_close_matches(name, function_names(syms), n=4, cutoff=0.6)
         hint = f"; nearest: {', '.join(near)}" if near else ""
         raise GdbextError(f"no function {name!r} in {syms.path.name}{hint}") from None
-    if sym.type not in "TtWw":
+    if sym.type not in CODE_TYPES:
         raise GdbextError(f"{name!r} in {syms.path.name} is not code (nm type {sym.type})")
     return sym.qualname
+
+
+CODE_TYPES = "TtWw"   # nm's letters for code (a W symbol in .text is a weak function)
+
+
+def function_names(syms) -> List[str]:
+    """The names xen-pic-check accepts (and TAB offers): the image's code symbols."""
+    return sorted({s.name for s in syms if s.type in CODE_TYPES})
 
 
 def findings_for_call(syms, callee: str = EFI_MB2, entry: str = ENTRY,
                       efi: Union[str, Path, None] = None,
                       upper_half_mapped: bool = False) -> List[Finding]:
-    """For l4merge's I13: the findings in the code that the entry's call of ``callee``
-    runs (``callee`` and everything it reaches), with call chains from ``entry``.
+    """For l4merge's I13: the findings on the path from ``entry`` to its call of
+    ``callee`` and in the code that call runs: the entry function's own instructions,
+    ``callee`` and everything it reaches, with call chains from ``entry``.
 
     ``upper_half_mapped``: the call runs under the RFC's merged L4 (the verdicts then
     say the code works only while that mapping lasts).  Both checks are cached."""
     report = check(syms, [entry], efi=efi, upper_half_mapped=upper_half_mapped)
     inside = check(syms, [callee], efi=efi, upper_half_mapped=upper_half_mapped)
-    reach = {f.name for f in inside.functions}
+    reach = {f.name for f in inside.functions} | {report.functions[0].name}
     return [f for f in report.findings if f.function in reach]
+
+
+# -- which finding predicted a fault (for the crash report) -------------------------------
+
+# How a fault matches a finding, strongest first.
+AT_INSTRUCTION = "the faulting instruction is the finding's"
+AT_VALUE = "CR2 is a linked VA the finding's object holds"
+IN_OBJECT = "CR2 is inside the object a held linked VA points into"
+IN_PAGE = "CR2 is on the page of a held linked VA"
+_HOW_RANK = (AT_INSTRUCTION, AT_VALUE, IN_OBJECT, IN_PAGE)
+# Which kind of finding is the likelier cause, by what the fault was: a value read from
+# a table is what gets dereferenced (a lea only hands the table on); a fetch at CR2
+# (RIP == CR2) went through a jump table; at the finding's own instruction, a CR2 that
+# is no value the object holds is the object itself read at its linked VA (absolute).
+_KIND_RANK_DATA = (READS_POINTER, JUMP_TABLE, ABSOLUTE, TAKES_ADDRESS)
+_KIND_RANK_FETCH = (JUMP_TABLE, READS_POINTER, ABSOLUTE, TAKES_ADDRESS)
+_KIND_RANK_OBJECT = (ABSOLUTE, READS_POINTER, JUMP_TABLE, TAKES_ADDRESS)
+
+
+@dataclass
+class FaultPrediction:
+    """The static finding that predicted a fault at the linked VA ``cr2``."""
+    finding: Finding
+    how: str                     # AT_INSTRUCTION, AT_VALUE, IN_OBJECT or IN_PAGE
+    cr2: int
+    indices: List[int]           # the object's slots holding the matching value
+    value: Optional[int]         # that value (the linked VA the finding's code gets)
+    value_symbol: Optional[str]
+    others: List[str] = field(default_factory=list)  # findings that match as well
+
+    @property
+    def slot(self) -> Optional[str]:
+        """``object[index]`` of the static pointer the value came from."""
+        f = self.finding
+        if f.object is None:
+            return None
+        name = f.object.split("#")[-1]
+        return f"{name}[{self.indices[0]}]" if self.indices else name
+
+    def text(self) -> str:
+        f = self.finding
+        got = f" = {self.value:#x} ({self.value_symbol})" if self.value is not None else ""
+        return (f"predicted by xen-pic-check: {f.kind} at {f.where} ({f.instruction})"
+                + (f", {self.slot}{got}" if self.slot else got)
+                + f"; {self.how}; chain {chain_text(f.chain)}"
+                + (f" (also: {', '.join(self.others)})" if self.others else ""))
+
+    def as_dict(self) -> dict:
+        return {"finding": self.finding.as_dict(), "how": self.how, "cr2": self.cr2,
+                "indices": list(self.indices), "value": self.value,
+                "value_symbol": self.value_symbol, "slot": self.slot,
+                "others": list(self.others), "text": self.text()}
+
+
+def _held_values(f: Finding) -> List[Tuple[Optional[int], int]]:
+    """(slot index, linked VA) of what the finding's instruction gets or hands on."""
+    held = [(int(i), int(v)) for i, v, _ in f.values]
+    if f.value is not None and all(v != f.value for _, v in held):
+        held.insert(0, (f.index, f.value))
+    return held
+
+
+def _object_bounds(syms, va: int) -> Optional[Tuple[int, int]]:
+    """[start, end) of the sized symbol holding ``va`` (string literals have none)."""
+    hit = syms.symbol_at(va)
+    if hit is None:
+        return None
+    sym = syms.symbols.get(hit[0])
+    if sym is None or not sym.size or hit[1] >= sym.size:
+        return None
+    return va - hit[1], va - hit[1] + sym.size
+
+
+def _linked_rip(syms, rip: Optional[int], load_base: Optional[int]) -> Optional[int]:
+    if rip is None:
+        return None
+    if syms.in_image(rip):
+        return rip
+    if load_base is not None:
+        offset = rip - load_base
+        if syms.image_start - syms.virt_start <= offset < syms.image_end - syms.virt_start:
+            return syms.virt_start + offset
+    return None
+
+
+def _match(syms, f: Finding, cr2: int, rip: Optional[int]):
+    """(how, indices, value) when ``f`` predicts a fault at ``cr2``, else None."""
+    held = _held_values(f)
+    if rip is not None and rip == f.address:
+        same = [(i, v) for i, v in held if v == cr2]
+        return AT_INSTRUCTION, [i for i, _ in same if i is not None], cr2 if same else None
+    def in_object(v: int) -> bool:
+        bounds = _object_bounds(syms, v)
+        return bounds is not None and bounds[0] <= cr2 < bounds[1]
+
+    for how, hit in ((AT_VALUE, lambda v: v == cr2), (IN_OBJECT, in_object),
+                     (IN_PAGE, lambda v: v // PAGE_SIZE == cr2 // PAGE_SIZE)):
+        same = [(i, v) for i, v in held if hit(v)]
+        if same:
+            return how, [i for i, _ in same if i is not None], same[0][1]
+    return None
+
+
+def fault_prediction(findings: Sequence[Finding], cr2: int, rip: Optional[int], syms,
+                     load_base: Optional[int] = None) -> Optional[FaultPrediction]:
+    """Which static finding predicted a fault at ``cr2`` (a linked VA of the image),
+    with how it matches: the faulting instruction (``rip``, a linked VA or an address
+    at the load address ``load_base``) is the finding's, or ``cr2`` is a linked VA the
+    finding's object holds (then which slots), or lies in the object or on the page such
+    a value points into.  None when ``cr2`` is no linked VA or no finding predicted it."""
+    if not syms.virt_start <= cr2 < syms.image_end:
+        return None
+    linked = _linked_rip(syms, rip, load_base)
+    matches = []
+    for f in findings:
+        m = _match(syms, f, cr2, linked)
+        if m is not None:
+            matches.append((f, m))
+    if not matches:
+        return None
+    strongest = min(_HOW_RANK.index(how) for _, (how, _, _) in matches)
+    matches = [(f, m) for f, m in matches if _HOW_RANK.index(m[0]) == strongest]
+    if _HOW_RANK[strongest] == AT_INSTRUCTION:
+        held = any(v == cr2 for f, _ in matches for _, v in _held_values(f)
+                   if f.kind != ABSOLUTE)
+        order = _KIND_RANK_DATA if held else _KIND_RANK_OBJECT
+    else:
+        order = _KIND_RANK_FETCH if linked == cr2 else _KIND_RANK_DATA
+    matches.sort(key=lambda fm: (order.index(fm[0].kind), len(fm[0].chain), fm[0].address))
+    f, (how, indices, value) = matches[0]
+    others = [f"{o.kind} at {o.where}" for o, _ in matches[1:]]
+    return FaultPrediction(f, how, cr2, indices, value,
+                           value_name(syms, value) if value is not None else None, others)
+
+
+def finding_for_fault(findings: Sequence[Finding], cr2: int, rip_linked_or_load: Optional[int],
+                      syms, load_base: Optional[int] = None) -> Optional[Finding]:
+    """The finding ``fault_prediction`` names, or None."""
+    p = fault_prediction(findings, cr2, rip_linked_or_load, syms, load_base)
+    return p.finding if p is not None else None
+
+
+def predict_fault(syms, cr2: int, rip: Optional[int], load_base: Optional[int] = None,
+                  efi: Union[str, Path, None] = None) -> Optional[FaultPrediction]:
+    """``fault_prediction`` over the default check (from the multiboot2+EFI entry,
+    cached per build-id); None for a symbol map (no bytes to check)."""
+    if not getattr(syms, "segments", ()):
+        return None
+    return fault_prediction(check(syms, efi=efi).findings, cr2, rip, syms, load_base)
 
 
 def _cache_key(syms, entries, efi, efi_map, upper) -> list:
@@ -820,25 +996,41 @@ class _HelpShown(Exception):
     pass
 
 
+SUMMARY = ("Which instructions of the code Xen runs at its load address (multiboot2+EFI) "
+           "need linked VAs: absolute addresses, static pointers, pointer tables, jump tables.")
+DESCRIPTION = (SUMMARY + " Offline: decodes xen-syms' own bytes (no target needed) from "
+               f"{ENTRY} (or the FUNCTIONs given) through every function reached by direct "
+               "calls and jumps; indirect calls and jumps are listed with their site as edges "
+               "not followed. Each finding names the function and offset, the instruction, the "
+               "object and index, the linked VA it holds and whose it is, the call chain from "
+               "the entry, and the verdict under the firmware's tables (the upper half is not "
+               "mapped at the load address). The result is cached per build-id.")
+EPILOG = (f"Examples: {PROG}; {PROG} PrintErrMesg; {PROG} --json; "
+          f"{PROG} --efi xen.efi (static pointers from xen.efi's base relocations)")
+
+
 def arg_parser(prog: str = PROG, with_syms: bool = False) -> argparse.ArgumentParser:
     """The command's options; ``with_syms`` adds --xen-syms (the offline form: in GDB
     the loaded xen-syms is used)."""
-    p = _ArgParser(prog=prog, description="Which instructions of the code Xen runs at its "
-                   "load address (multiboot2+EFI) need linked VAs: absolute addresses, static "
-                   "pointers, pointer tables, jump tables.")
+    p = _ArgParser(prog=prog, description=DESCRIPTION, epilog=EPILOG)
+    add_options(p, with_syms)
+    return p
+
+
+def add_options(p: argparse.ArgumentParser, with_syms: bool = False) -> None:
+    """The options on ``p`` (the CLI's parser, or the GDB command's CommandParser)."""
     p.add_argument("functions", nargs="*", metavar="FUNCTION",
                    help=f"start from these functions (default: {ENTRY})")
     if with_syms:
         p.add_argument("--xen-syms", metavar="FILE", help="xen-syms ELF (default: Debian's 4.17)")
-    p.add_argument("--xen-efi", metavar="FILE",
+    p.add_argument("--efi", "--xen-efi", dest="xen_efi", metavar="XEN_EFI",
                    help="xen.efi of the same build: take the static pointers from its base "
                         "relocation table")
-    p.add_argument("--xen-efi-map", metavar="FILE",
-                   help="xen.efi's .map (default: FILE.map beside xen.efi or xen-syms)")
+    p.add_argument("--efi-map", "--xen-efi-map", dest="xen_efi_map", metavar="MAP",
+                   help="xen.efi's .map (default: XEN_EFI.map beside xen.efi or xen-syms)")
     p.add_argument("--json", action="store_true", help="the whole result as JSON")
     p.add_argument("--no-cache", action="store_true",
                    help="recompute (the result is cached per build-id)")
-    return p
 
 
 def parse_args(argv: Sequence[str], prog: str = PROG, with_syms: bool = False):
@@ -854,11 +1046,17 @@ def help_text(prog: str = PROG, with_syms: bool = False) -> str:
     return arg_parser(prog, with_syms).format_help()
 
 
+def check_for_args(syms, args) -> PicReport:
+    """The check the parsed ``args`` ask for on ``syms`` (the GDB command prints it
+    its own way).  Bad input raises GdbextError (one line)."""
+    return check(syms, args.functions or None, efi=args.xen_efi, efi_map=args.xen_efi_map,
+                 cache=not args.no_cache)
+
+
 def run_command(syms, args) -> Tuple[str, PicReport, int]:
     """(what to print, the report, exit status) for parsed ``args`` on ``syms``:
     0 no finding, 1 findings.  Bad input raises GdbextError (one line)."""
-    report = check(syms, args.functions or None, efi=args.xen_efi,
-                   efi_map=args.xen_efi_map, cache=not args.no_cache)
+    report = check_for_args(syms, args)
     text = json.dumps(report.as_dict(), indent=1) if args.json else render_text(report)
     return text, report, EXIT_FINDINGS if report.findings else EXIT_CLEAN
 

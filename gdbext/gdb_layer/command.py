@@ -143,8 +143,9 @@ class XenCommand(gdb.Command):
     name = ""
     summary = ""
     # What TAB completes for the positional arguments ("address": Xen's symbols, then
-    # GDB's; "file": file names; None: nothing) and for option values (option ->
-    # a kind the context names: "address", "pa-address", "stop", "check", "root").
+    # GDB's; "function": Xen's code symbols; "file": file names; None: nothing) and for
+    # option values (option -> "file", or a kind the context names: "address",
+    # "pa-address", "function", "stop", "check", "root").
     complete_positional: Optional[str] = None
     complete_values: Dict[str, str] = {}
 
@@ -212,9 +213,9 @@ class XenCommand(gdb.Command):
             kind = self.complete_positional
             if kind is None:
                 return []
-            if kind == "file":
-                return gdb.COMPLETE_FILENAME
             candidates = None
+        if kind == "file":
+            return gdb.COMPLETE_FILENAME
         if candidates is None:
             candidates = self.ctx.completion_names(kind, current)
             if candidates is None:

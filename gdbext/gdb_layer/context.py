@@ -26,8 +26,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import gdb
 
-from ..core import (bootstops, hang, locate, merge_catalog, merge_here, paging, runto, suggest, x86,
-                   xenimage)
+from ..core import (bootstops, hang, locate, merge_catalog, merge_here, paging, piccheck,
+                   runto, suggest, x86, xenimage)
 from ..core.errors import GdbextError
 from ..core.paging import MODES, PagingContext
 from ..core.walknames import Situation
@@ -394,6 +394,9 @@ class Context:
         if kind == "check":
             return suggest.completions(merge_catalog.CHECK_IDS, prefix.upper())
         syms = self.xen.syms
+        if kind == "function":   # xen-pic-check: the image's code, nothing of GDB's
+            return [] if syms is None else suggest.completions(piccheck.function_names(syms),
+                                                               prefix)
         fixed = list(MERGE_ROOTS) + ["cr3"] if kind == "root" else []
         if syms is None:
             return suggest.completions(fixed, prefix) if fixed else None

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 import gdb
 
-from ..core import faults, x86decode, xenimage
+from ..core import faults, piccheck, x86decode, xenimage
 from ..core.errors import GdbextError, GuestCrashed
 from ..core.qemu import parse_descriptor_tables, parse_info_registers
 from .command import one_line
@@ -87,29 +87,35 @@ class FaultCatcher:
         syms = ctx.xen.syms
         kind = faults.catch_kind(idt[0], pctx.mode.long_mode, syms)
         # Xen's fatal paths are linked VAs: they do not move with IDTR or CR3.
-        key = (kind, idt, regs["cr3"]) if kind == faults.CATCH_FIRMWARE else (kind, id(syms))
+        key = (kind, idt, regs["cr3"], id(syms)) if kind == faults.CATCH_FIRMWARE \
+            else (kind, id(syms))
         if key == self.key:
             return
         self.disarm()
         self.key = key
         self.kind = kind
+        # Xen's fatal paths are planted whenever Xen's symbols are known: Xen loads its
+        # IDT well into __start_xen (trap_init), between two stops gdbext makes, and
+        # only a crash ever gets there (nothing else runs at Xen's linked VAs).
+        for name, va in faults.xen_fatal_sites(syms) if syms is not None else ():
+            self._plant(va, name)
+        self.note = None
         if kind == faults.CATCH_NONE:
             self.note = (f"no 64-bit IDT in force ({pctx.mode.name} paging): a fault here "
                          "is a triple fault")
             return
         if kind == faults.CATCH_XEN:
-            for name, va in faults.xen_fatal_sites(syms):
-                self._plant(va, name)
-            self.note = None if self.sites else "this build has none of Xen's fatal paths"
+            if not self.sites:
+                self.note = "this build has none of Xen's fatal paths"
             return
         with t.phys_mode():
             plan = faults.plan_handler_breakpoints(idt[0], idt[1], regs["cr3"], pctx, t.cache)
         self.plan = plan
         for site in plan.sites:
             self._plant(site.handler_va, tuple(plan.vectors_at(site.handler_va)))
-        self.note = None if self.sites else (
-            "no usable gate in the IDT: " + "; ".join(
-                f"{s.vector}: {s.reason}" for s in plan.skipped[:3]))
+        if not plan.sites:
+            self.note = "no usable gate in the IDT: " + "; ".join(
+                f"{s.vector}: {s.reason}" for s in plan.skipped[:3])
 
     def _plant(self, address: int, what) -> None:
         if address in self.sites:
@@ -146,16 +152,17 @@ class FaultCatcher:
             return "catching is off ('set xen-catch-faults on')"
         if not self.active:
             return "gdbext has not driven this boot yet"
-        if self.note:
-            return self.note
-        if self.kind == faults.CATCH_XEN:
-            return "catching at Xen's fatal paths (" + ", ".join(
-                str(w) for w in self.sites.values()) + ")"
-        if self.plan is not None:
-            vectors = sorted(v for vs in self.sites.values() for v in vs)
-            return (f"catching vectors {_ranges(vectors)} at {len(self.sites)} handler(s) of "
-                    f"the IDT at {self.plan.idt_base:#x}")
-        return "nothing planted yet"
+        xen = [str(w) for w in self.sites.values() if isinstance(w, str)]
+        vectors = sorted(v for w in self.sites.values() if not isinstance(w, str) for v in w)
+        parts = []
+        if vectors and self.plan is not None:
+            handlers = sum(1 for w in self.sites.values() if not isinstance(w, str))
+            parts.append(f"vectors {_ranges(vectors)} at {handlers} handler(s) of the IDT "
+                         f"at {self.plan.idt_base:#x}")
+        if xen:
+            parts.append("Xen's fatal paths (" + ", ".join(xen) + ")")
+        text = "catching " + " and ".join(parts) if parts else "nothing planted"
+        return text + (f"; {self.note}" if self.note else "")
 
     def as_dict(self) -> dict:
         return {"enabled": self.enabled, "active": self.active, "kind": self.kind,
@@ -240,12 +247,30 @@ class FaultCatcher:
                     hint = faults.instruction_hint(x86decode.decode_one(code, frame.rip), regs)
                 except GdbextError:
                     hint = None    # the fetch itself faulted: no instruction there
-            return faults.explain_fault(
+            report = faults.explain_fault(
                 vector, None, frame, cr2, cr3, regs, pctx, t.cache, xen,
                 decoded_instruction=hint,
                 root_label=("M, the RFC's merged L4 (written by xen-l4merge-apply)"
                             if merged else None),
                 judge_root_as=xenimage.IDLE_L4 if merged else None)
+        report.predicted_by = self._static_prediction(report)
+        return report
+
+    def _static_prediction(self, report: faults.FaultReport) -> Optional[dict]:
+        """Which finding of the position-independence check (xen-pic-check) predicted
+        this fault. Hook for issue 12's ``piccheck.predict_fault(syms, cr2, rip,
+        load_base)``: None until that is on main, or when nothing predicted it."""
+        predict = getattr(piccheck, "predict_fault", None)
+        syms = self.ctx.xen.syms
+        if predict is None or syms is None or report.fault_address is None:
+            return None
+        # The code that used the address: a fetch fault's caller, else RIP.
+        rip = report.caller.address if report.caller is not None else report.rip
+        try:
+            found = predict(syms, report.fault_address, rip, self.ctx.xen.load_base)
+        except GdbextError:
+            return None
+        return found.as_dict() if found is not None else None
 
     def on_stop(self, event) -> None:
         """The user's own 'continue' stopped at one of these breakpoints: say why."""

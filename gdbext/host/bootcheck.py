@@ -52,7 +52,8 @@ GZIP_MAGIC = b"\x1f\x8b"
 ELF_MAGIC = b"\x7fELF"
 # Xen prints its load base early in __start_xen: an oracle for the report.
 XEN_LOAD_BASE_RE = re.compile(r"Xen image load base address: (0x[0-9a-f]+)")
-CONSOLE_WAIT_S = 10.0
+# Generous: the wait ends as soon as the line is there; a loaded machine prints it later.
+CONSOLE_WAIT_S = 60.0
 
 
 class RunError(GdbextError):

@@ -860,6 +860,13 @@ class Lab:
                 pass
         return proc.poll() if proc is not None else None
 
+    def wait_exit(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for QEMU to end (killed elsewhere); True once it has.
+
+        A QEMU killed by SIGKILL closes its sockets (GDB sees it go) a moment before
+        its parent can reap it, so alive() just after that is a race."""
+        return self._proc is None or self._poll_exit(timeout)
+
     def _poll_exit(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while self._proc.poll() is None:

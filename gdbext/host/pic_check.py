@@ -1,6 +1,6 @@
 """xen-pic-check: the position-independence check of Xen's load-address code, offline.
 
-    xen-pic-check [--xen-syms FILE] [--xen-efi FILE] [FUNCTION ...] [--json]
+    xen-pic-check [--xen-syms FILE] [--efi XEN_EFI] [FUNCTION ...] [--json]
 
 Decodes xen-syms (no target, no GDB) from ``__efi64_mb2_start`` (or the FUNCTIONs
 given) through everything it calls, and reports every instruction that needs a

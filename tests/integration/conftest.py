@@ -109,7 +109,7 @@ def console_load_base(gdb: GdbSession, lab: Lab) -> int:
     address" on its serial console (it is stopped just after), and read the line."""
     gdb.execute(f"xen-run-to {AFTER_LOAD_BASE_LINE} --timeout {BOOT_TIMEOUT_S}",
                 timeout=BOOT_TIMEOUT_S + 30)
-    return int(lab.wait_for_serial(XEN_LOAD_BASE_RE, timeout=30).group(1), 16)
+    return int(lab.wait_for_serial(XEN_LOAD_BASE_RE, timeout=120).group(1), 16)
 
 
 @contextlib.contextmanager

@@ -178,33 +178,33 @@ def test_demo_at_a_terminal_colour_width_tab_and_ctrl_c(tmp_path):
         if b"(gdb) " not in head.split(b"paging mode:", 1)[1]:
             term.read_until(b"(gdb) ", 30)
         term.send(b"set height 0\n")                     # the pager is not under test
-        term.read_until(b"(gdb) ", 10)
+        term.read_until(b"(gdb) ", 60)
         term.send(b"set width 80\n")
-        term.read_until(b"(gdb) ", 10)
+        term.read_until(b"(gdb) ", 60)
         term.send(b"xen-l4merge-check\n")
         out = term.read_until(b"(gdb) ", 120).decode("utf-8", "replace")
         assert "\x1b[1;31mFAIL\x1b[0m" in out            # coloured at a terminal
         lines = [ANSI.sub("", line).rstrip("\r") for line in out.split("\n")[1:-1]]
         assert lines and max(len(line) for line in lines) <= 80, max(lines, key=len)
         term.send(b"set style enabled off\n")
-        term.read_until(b"(gdb) ", 10)
+        term.read_until(b"(gdb) ", 60)
         term.send(b"xen-l4merge-check\n")
         plain = term.read_until(b"(gdb) ", 120).split(b"\n", 1)[1].decode()
         assert "FAIL" in plain and not re.search(r"\x1b\[[0-9;]*m", plain)   # no colour
         term.send(b"xen-pt --ro\t")
-        assert b"--root" in term.read_until(b"--root", 10)
+        assert b"--root" in term.read_until(b"--root", 60)
         term.send(b"\x15")                                # ^U: drop the line
         term.send(b"continue\n")
-        term.read_until(b"Continuing.", 10)
+        term.read_until(b"Continuing.", 60)
         time.sleep(1)
         term.send(b"\x03")                                # Ctrl-C
         term.read_until(b"SIGINT", 30)
-        term.read_until(b"(gdb) ", 10)
+        term.read_until(b"(gdb) ", 60)
         os.kill(qemu_pid, 0)                              # QEMU still there
         term.send(b"xen-regs\n")
         assert b"paging mode" in term.read_until(b"(gdb) ", 30)
         term.send(b"quit\n")
-        term.read_until(b"(y or n)", 10)
+        term.read_until(b"(y or n)", 60)
         term.send(b"y\n")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -36,7 +36,7 @@ FENCE_END = "```"
 HEX = re.compile(r"0x[0-9a-f]+|\b[0-9a-f]{16}\b")
 BOOT_TIMEOUT_S = 240
 COMMAND_TIMEOUT_S = 600
-CONSOLE_TIMEOUT_S = 30
+CONSOLE_TIMEOUT_S = 120   # ends as soon as the line is there; generous for a loaded machine
 
 
 @dataclass

@@ -27,8 +27,9 @@ from gdbext.core.merge_report import render_text, results_as_dict
 from gdbext.core.multiboot2 import parse_mbi
 from gdbext.core.xensyms import load_xen_syms
 
+from ..oracles import message_table, nm_table, table_read_sites
 from .merge_builders import (A, CR0_PE, CR0_PG, CR4_LA57, CR4_PAE, EFER_LME, MBI_PA, NX, P,
-                             PAGE, PS, RW, SIZE_1G, SIZE_2M, STACK_TOP, SymsWith, build_mbi,
+                             PAGE, PS, RAM, RW, SIZE_1G, SIZE_2M, STACK_TOP, SymsWith, build_mbi,
                              entry_guest, trampoline_relocate, u64)
 
 SCRATCH = 0x0500_0000      # a page of firmware RAM for odd test bytes
@@ -704,15 +705,84 @@ def test_i12(syms, relocated):
 
 # --- I13 ----------------------------------------------------------------------------------
 
-def test_i13(syms, relocated):
+@pytest.fixture(scope="module")
+def printerr(syms):
+    """PrintErrMesg's table and its read of it, as nm, objdump and pyelftools say."""
+    nm = nm_table(paths.XEN_DEBIAN_SYMS)
+    name, table_va, entries = message_table(paths.XEN_DEBIAN_SYMS, nm)
+    lea_va, read_va, _ = table_read_sites(paths.XEN_DEBIAN_SYMS, nm, "PrintErrMesg", name)
+    start = nm["PrintErrMesg"][0]
+    return name, [v for _, v in entries], f"PrintErrMesg+{lea_va - start:#x}", \
+        f"PrintErrMesg+{read_va - start:#x}"
+
+
+def _i13_read(r, printerr):
+    name, values, _, read_at = printerr
+    (f,) = [f for f in r.evidence["findings"] if f["where"].endswith(read_at)]
+    assert f["kind"] == "reads pointer" and f["object"].endswith(name)
+    assert f["linked_vas"] == sorted(set(values))
+    assert [c.split("#")[-1] for c in f["chain"][:2]] == ["__efi64_mb2_start", "efi_multiboot2"]
+    assert f"{read_at} reads {name}[reg]" in r.summary
+    return f
+
+
+def test_i13_registers(syms, relocated):
     g, pred = relocated
     r = check(state_for(g, pred), "I13")
     assert r.status == PASS and "rip" in r.evidence["load_address"]
-    assert r.evidence["static_pointers"] > 0
     regs = dict(g.regs, rax=syms.linked_va("efi_multiboot2"))
     r = check(state_for(g, pred, regs=regs, stop="call efi_multiboot2"), "I13")
     assert r.status == WARN and "%rax" in r.summary and "%rip" in r.summary
     assert check(state_for(g, pred, regs={}), "I13").status == SKIP
+
+
+def test_i13_cites_printerrmesg_mapped_by_the_relocated_merge(relocated, printerr):
+    """The relocated merge maps the upper half at B + offset: PrintErrMesg's read of
+    ErrCodeToStr works, while the merge lasts; I13 passes, citing it."""
+    g, pred = relocated
+    r = check(state_for(g, pred), "I13")
+    assert r.status == PASS and r.evidence["upper_half_at_load"] is True
+    assert r.evidence["tables"] == pred.root
+    f = _i13_read(r, printerr)
+    assert f["mapped_at_load"] and f["unmapped_count"] == 0 and f["first_unmapped"] is None
+    assert printerr[2] in r.summary                     # the lea handing the table on
+    assert "work only while it maps the upper half" in r.summary
+
+
+def test_i13_warns_where_the_upper_half_is_not_at_the_load_address(syms, plain, printerr):
+    """The raw merge (L4's upper half unrelocated) and the firmware's own tables (no
+    upper half at all) do not map ErrCodeToStr's linked VAs at B + offset: WARN,
+    naming the finding and the first VA."""
+    g, pred = plain
+    for state in (state_for(g, pred), state_for(g, None, merged_root=None, mem=g.mem)):
+        r = check(state, "I13")
+        assert r.status == WARN and r.evidence["upper_half_at_load"] is False
+        f = _i13_read(r, printerr)
+        assert not f["mapped_at_load"] and f["first_unmapped"]["va"] in printerr[1]
+        assert f["unmapped_count"] == len(set(printerr[1]))
+        assert f"{f['first_unmapped']['va']:#x} not mapped" in r.summary
+    assert r.evidence["tables"] == g.regs["cr3"] and "the firmware's L4" in r.summary
+
+
+def test_i13_upper_half_into_no_ram_is_not_at_the_load_address(syms, relocated, printerr):
+    """M's slot for Xen pointing at a table where there is no RAM: the walk cannot read
+    it, so the findings' VAs are not at the load address (a WARN, not a FAIL of I13)."""
+    g, pred = relocated
+    mem = SyntheticMemory(ram_size=RAM, base=pred.mem)
+    mem.write_u64(pred.root + 8 * xen_slot(syms), RAM | P | RW)
+    r = check(state_for(g, pred, mem=mem), "I13")
+    assert r.status == WARN
+    f = _i13_read(r, printerr)
+    assert f["first_unmapped"]["pa"] is None and "unreadable" in f["first_unmapped"]["fault"]
+
+
+def test_i13_with_a_symbol_map_keeps_the_register_check(syms, relocated):
+    g, pred = relocated
+    mapped = load_xen_syms(paths.XEN_DEBIAN_SYMS_MAP)
+    state = dataclasses.replace(state_for(g, pred), syms=mapped)
+    r = check(state, "I13")
+    assert r.status == PASS and "no code bytes" in r.evidence["static_note"]
+    assert "no static check" in r.summary
 
 
 # --- MBI, selection, output ---------------------------------------------------------------

@@ -10,7 +10,6 @@ tables, an indirect call, and position-independent code that gives no finding.
 
 import json
 import re
-import struct
 import subprocess
 
 import pytest
@@ -22,6 +21,10 @@ from gdbext.core.piccheck import ABSOLUTE, JUMP_TABLE, READS_POINTER, TAKES_ADDR
 from gdbext.core.xensyms import load_xen_syms
 from gdbext.host import pic_check
 
+from . import fault_data
+
+from ..oracles import elf_qwords, message_table, nm_table, objdump, table_read_sites
+
 SYMS = paths.XEN_DEBIAN_SYMS
 EFI = paths.XEN_DEBIAN_EFI
 
@@ -30,44 +33,6 @@ EFI = paths.XEN_DEBIAN_EFI
 def _own_cache(tmp_path, monkeypatch):
     """Each test caches into its own directory (no result from another run is reused)."""
     monkeypatch.setattr(paths, "CACHE_DIR", tmp_path / "cache")
-
-
-# -- oracles -------------------------------------------------------------------------------
-
-
-def nm_table(path):
-    """name -> (value, size, type) from nm -S (plain names; first wins)."""
-    out = subprocess.run(["nm", "-S", str(path)], capture_output=True, text=True,
-                         check=True).stdout
-    table = {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 4:
-            table.setdefault(parts[3], (int(parts[0], 16), int(parts[1], 16), parts[2]))
-        elif len(parts) == 3:
-            table.setdefault(parts[2], (int(parts[0], 16), 0, parts[1]))
-    return table
-
-
-def objdump(path, start, stop):
-    out = subprocess.run(["objdump", "-d", "-w", "--no-show-raw-insn",
-                          f"--start-address={start:#x}", f"--stop-address={stop:#x}", str(path)],
-                         capture_output=True, text=True, check=True).stdout
-    return [(int(m.group(1), 16), m.group(2).strip()) for m in
-            (re.match(r"^\s*([0-9a-f]+):\s+(.*)$", line) for line in out.splitlines()) if m]
-
-
-def elf_qwords(path, va, size):
-    """The link-time qwords at [va, va+size) read from the ELF's section with pyelftools."""
-    from elftools.elf.elffile import ELFFile
-    with open(path, "rb") as f:
-        elf = ELFFile(f)
-        for sec in elf.iter_sections():
-            if sec["sh_addr"] <= va < sec["sh_addr"] + sec["sh_size"] and sec["sh_type"] == \
-                    "SHT_PROGBITS":
-                data = sec.data()[va - sec["sh_addr"]:va - sec["sh_addr"] + size]
-                return list(struct.unpack(f"<{size // 8}Q", data))
-    raise AssertionError(f"{va:#x} in no section of {path}")
 
 
 # -- Debian 4.17: PrintErrMesg and ErrCodeToStr ---------------------------------------------
@@ -79,20 +44,19 @@ def nm():
 
 
 @pytest.fixture(scope="module")
-def debian():
-    return piccheck.check(load_xen_syms(SYMS), cache=False)
+def syms():
+    return load_xen_syms(SYMS)
+
+
+@pytest.fixture(scope="module")
+def debian(syms):
+    return piccheck.check(syms, cache=False)
 
 
 @pytest.fixture(scope="module")
 def table(nm):
     """ErrCodeToStr.N: (name, VA, [(index, value)] of its linked-VA entries)."""
-    names = [n for n in nm if re.fullmatch(r"ErrCodeToStr(\.\d+)?", n)]
-    assert len(names) == 1, names
-    va, size, typ = nm[names[0]]
-    assert typ in "dDrR" and size
-    lo, hi = nm["__image_base__"][0], nm["_end"][0]
-    vals = elf_qwords(SYMS, va, size)
-    return names[0], va, [(i, v) for i, v in enumerate(vals) if lo <= v < hi]
+    return message_table(SYMS, nm)
 
 
 def test_the_table_holds_linked_vas(table):
@@ -102,13 +66,9 @@ def test_the_table_holds_linked_vas(table):
 
 def test_printerrmesg_reads_its_message_table(debian, nm, table):
     name, table_va, entries = table
-    start, size, _ = nm["PrintErrMesg"]
-    rows = objdump(SYMS, start, start + size)
+    start = nm["PrintErrMesg"][0]
     # objdump: lea <table>(%rip),%REG, then a load indexed from %REG.
-    k, (lea_va, lea_text) = next((k, r) for k, r in enumerate(rows)
-                                 if r[1].startswith("lea") and f"<{name}>" in r[1])
-    reg = re.search(r",%(\w+)", lea_text.split("#")[0]).group(1)
-    read_va, read_text = next(r for r in rows[k + 1:] if f"(%{reg}," in r[1])
+    lea_va, read_va, read_text = table_read_sites(SYMS, nm, "PrintErrMesg", name)
     found = {(f.kind, f.address): f for f in debian.findings}
     lea = found[(TAKES_ADDRESS, lea_va)]
     read = found[(READS_POINTER, read_va)]
@@ -180,7 +140,79 @@ def test_findings_for_call_of_efi_multiboot2():
     found = piccheck.findings_for_call(load_xen_syms(SYMS))
     assert any(f.function.endswith("PrintErrMesg") for f in found)
     assert all(f.chain[0].endswith("__efi64_mb2_start") and
-               f.chain[1] == "efi_multiboot2" for f in found)
+               f.chain[1:2] in (["efi_multiboot2"], []) for f in found)
+
+
+# -- which finding predicted a fault (the crash report asks) ------------------------------
+
+
+def qemu_page_fault(crash):
+    """(RIP, CR2) of the #PF in QEMU's own -d int record of a captured crash."""
+    first = (crash / "qemu-d-int-pf.txt").read_text().splitlines()[0]
+    m = re.search(r"v=0e .*\bpc=([0-9a-f]+) .*\bCR2=([0-9a-f]+)", first)
+    return int(m.group(1), 16), int(m.group(2), 16)
+
+
+def test_the_real_printerr_crash_is_what_the_check_predicted(syms, debian, nm, table):
+    """tests/data/printerr-crash: PrintErrMesg called at the load address; the firmware's
+    OutputString faulted on the message pointer read from ErrCodeToStr."""
+    rip, cr2 = qemu_page_fault(fault_data.PRINTERR)
+    base = fault_data.load_base(fault_data.PRINTERR)
+    # The error code the capture passed in %rsi (setup.txt), less EFI's error bit, is
+    # the table's index; the ELF says that slot holds CR2.
+    rsi = int(re.search(r"set \$rsi = (0x[0-9a-f]+)",
+                        (fault_data.PRINTERR / "setup.txt").read_text()).group(1), 16)
+    index = rsi & ~(1 << 63)
+    name, _, entries = table
+    assert dict(entries)[index] == cr2
+    assert not (syms.in_image(rip) or base <= rip < base + syms.image_end - syms.virt_start)
+    lea_va, read_va, _ = table_read_sites(SYMS, nm, "PrintErrMesg", name)
+    p = piccheck.fault_prediction(debian.findings, cr2, rip, syms, base)
+    assert p.finding.kind == READS_POINTER and p.finding.address == read_va
+    assert p.how == piccheck.AT_VALUE and p.value == cr2 and index in p.indices
+    assert all(dict(entries)[i] == cr2 for i in p.indices)
+    assert p.slot == f"{name}[{p.indices[0]}]"
+    lea_at = f"{p.finding.function}+{lea_va - nm['PrintErrMesg'][0]:#x}"
+    assert p.others == [f"{TAKES_ADDRESS} at {lea_at}"]
+    assert f"{name}[{index}] = {cr2:#x}" in p.text() and "PrintErrMesg" in p.text()
+    assert piccheck.finding_for_fault(debian.findings, cr2, rip, syms, base) == p.finding
+    # The default check, cached per build-id, gives the same answer.
+    assert piccheck.predict_fault(syms, cr2, rip, base).finding.address == read_va
+
+
+def test_a_fault_at_the_findings_own_instruction(syms, debian, nm, table):
+    name, table_va, _ = table
+    base = fault_data.load_base(fault_data.PRINTERR)
+    _, read_va, _ = table_read_sites(SYMS, nm, "PrintErrMesg", name)
+    # The read itself faulting on the table at its linked VA, RIP at the load address
+    # (or given as the linked VA): the instruction is the finding's.
+    for rip in (base + read_va - syms.virt_start, read_va):
+        p = piccheck.fault_prediction(debian.findings, table_va + 8, rip, syms, base)
+        assert p.how == piccheck.AT_INSTRUCTION and p.finding.address == read_va
+        assert p.finding.kind == READS_POINTER
+
+
+def test_faults_no_finding_predicted(syms, debian, nm, table):
+    _, _, entries = table
+    base = fault_data.load_base(fault_data.PRINTERR)
+    value = entries[0][1]
+    # CR2 at the load address is no linked VA.
+    assert piccheck.fault_prediction(debian.findings, base + value - syms.virt_start, None,
+                                     syms, base) is None
+    # The RFC's crash: a fetch at efi_multiboot2's linked VA through the unrelocated
+    # merge, not a static pointer (no finding holds a value on its page).
+    rip, cr2 = qemu_page_fault(fault_data.RFC)
+    assert rip == cr2 == nm["efi_multiboot2"][0]
+    held = {v for f in debian.findings for _, v, _ in f.values} | \
+        {f.value for f in debian.findings if f.value is not None}
+    assert all(v // 4096 != cr2 // 4096 for v in held)
+    assert piccheck.fault_prediction(debian.findings, cr2, rip, syms,
+                                     fault_data.load_base(fault_data.RFC)) is None
+    # A byte inside a message, on the same page as its pointer's value: the page matches.
+    inside = value + 1
+    assert inside // 4096 == value // 4096 and inside not in held
+    p = piccheck.fault_prediction(debian.findings, inside, None, syms, base)
+    assert p.how == piccheck.IN_PAGE and p.finding.kind == READS_POINTER
 
 
 # -- the command line -------------------------------------------------------------------------
@@ -394,6 +426,40 @@ def test_synth_position_independent_code_gives_no_finding(synth):
 def test_synth_counts(synth):
     _, _, report = synth
     assert report.counts == {ABSOLUTE: 3, READS_POINTER: 2, TAKES_ADDRESS: 1, JUMP_TABLE: 2}
+
+
+def test_synth_findings_for_call(synth):
+    """The entry's own findings and those of the callee's reach; not its other callees'."""
+    path, nm, report = synth
+    syms = load_xen_syms(path, cache_dir=False)
+    got = piccheck.findings_for_call(syms, callee="reads_table", entry="entry")
+    assert [(f.kind, f.function.split("#")[-1]) for f in got] == [(READS_POINTER, "reads_table")]
+    assert [c.split("#")[-1] for c in got[0].chain] == ["entry", "reads_table"]
+    got = piccheck.findings_for_call(syms, callee="target_fn", entry="uses_movabs")
+    assert [(f.kind, f.function.split("#")[-1]) for f in got] == [(ABSOLUTE, "uses_movabs")]
+
+
+def test_synth_fault_predictions(synth):
+    path, nm, report = synth
+    syms = load_xen_syms(path, cache_dir=False)
+    base = 0x0020_0000             # any load address: RIP is given there
+    jtab_va = nm["jtab"][0]
+    (jmp_abs_va, _), = _rows_of(path, nm, "jumps_abs")
+    # jmp *jtab(,%rdi,8) run at the load address reads jtab at its linked VA: the
+    # absolute operand at the faulting instruction.
+    p = piccheck.fault_prediction(report.findings, jtab_va + 8,
+                                  base + jmp_abs_va - syms.virt_start, syms, base)
+    assert p.how == piccheck.AT_INSTRUCTION and p.finding.address == jmp_abs_va
+    assert p.finding.kind == ABSOLUTE and p.others == [f"{JUMP_TABLE} at {p.finding.where}"]
+    # A fetch at case1's linked VA (RIP == CR2): one of the jump tables' jumps.
+    case1 = nm["case1"][0]
+    p = piccheck.fault_prediction(report.findings, case1, case1, syms, base)
+    jumps = {_rows_of(path, nm, "jumps_table")[2][0], jmp_abs_va}
+    assert p.how == piccheck.AT_VALUE and p.finding.kind == JUMP_TABLE
+    assert p.finding.address in jumps and p.indices == [1] and p.value == case1
+    # Inside jtab but no slot's value, RIP unknown: the object jumps_abs uses.
+    p = piccheck.fault_prediction(report.findings, jtab_va + 4, None, syms)
+    assert p.how == piccheck.IN_OBJECT and p.finding.address == jmp_abs_va
 
 
 def test_a_map_has_no_bytes():
