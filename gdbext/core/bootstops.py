@@ -811,7 +811,11 @@ def summary_text(result: Mapping[str, object]) -> str:
     verdict = (f"{'complete' if result.get('complete') else 'incomplete'}: "
                f"{len(result.get('reached') or [])} stops, "
                + ", ".join(f"{c.get(s, 0)} {s}" for s in STATUSES))
-    if result.get("error"):
+    crash = result.get("crash")
+    if crash:
+        verdict += (f"; {crash.get('summary')}"
+                    + (f" (after {crash['after']})" if crash.get("after") else ""))
+    elif result.get("error"):
         verdict += f"; error: {result['error']}"
     notes = [f"note: {n}" for n in result.get("notes") or []]
     return "\n".join([table] + notes + [verdict])

@@ -39,4 +39,5 @@ class GuestCrashed(GdbextError):
 
     def as_dict(self) -> dict:
         detail = self.report.as_dict() if self.report is not None else {}
-        return {"kind": self.kind, "summary": self.summary, **detail}
+        # The crash's own line wins over the report's (which lacks "the guest crashed").
+        return {**detail, "kind": self.kind, "summary": self.summary}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import paging, peimage, x86, xenimage
+from .walknames import Situation, judge_step
 from .errors import GdbextError, MemoryReadError
 from .memory import PhysMemory
 from .paging import MODE_OFF, PagingContext
@@ -75,8 +76,9 @@ class VirtualReadError(GdbextError):
         super().__init__(f"virtual address {va:#x} {why}")
 
 
-def translate(ctx: PagingContext, mem: PhysMemory, root: Optional[int], va: int) -> int:
-    """The PA the CPU would use for ``va`` (VA itself with paging off)."""
+def _pa_or_raise(ctx: PagingContext, mem: PhysMemory, root: Optional[int], va: int) -> int:
+    """The PA of ``va`` (``paging.walk``), or VirtualReadError saying why not: where
+    paging.translate answers None, the IDT plan and the frame reader report the reason."""
     if ctx.mode is MODE_OFF:
         return va
     try:
@@ -94,7 +96,7 @@ def read_virtual(ctx: PagingContext, mem: PhysMemory, root: Optional[int], va: i
     out = bytearray()
     while size > 0:
         chunk = min(size, x86.PAGE_SIZE - (va & (x86.PAGE_SIZE - 1)))
-        pa = translate(ctx, mem, root, va)
+        pa = _pa_or_raise(ctx, mem, root, va)
         try:
             out += mem.read_phys(pa, chunk)
         except MemoryReadError as err:
@@ -220,7 +222,7 @@ def plan_handler_breakpoints(idt_base: int, idt_limit: int, cr3: int, ctx: Pagin
             plan.skipped.append(SkippedGate(v, f"not an interrupt or trap gate ({gate.kind})"))
             continue
         try:
-            handler_pa = translate(ctx, mem, root, gate.offset)
+            handler_pa = _pa_or_raise(ctx, mem, root, gate.offset)
         except VirtualReadError as err:
             plan.skipped.append(SkippedGate(v, f"handler {err}"))
             continue
@@ -573,26 +575,6 @@ class InstructionHint:
 
 # --- the walk of the faulting address ----------------------------------------------------
 
-def judge_entry_at(xen: Optional[xenimage.LoadedXen], entry_pa: int, raw: int,
-                   root: Optional[int] = None, judge_root_as: Optional[str] = None
-                   ) -> Optional[xenimage.EntryVerdict]:
-    """The verdict on an entry read at ``entry_pa`` if it belongs to a Xen boot table
-    (or to the upper half of a root judged as ``judge_root_as``, e.g. a merged L4
-    judged as idle_pg_table); None for a foreign table or a .map (no link values)."""
-    if xen is None or not xenimage.has_bytes(xen.syms):
-        return None
-    if judge_root_as and root is not None and root <= entry_pa < root + x86.PAGE_SIZE:
-        index = (entry_pa - root) // 8
-        if index < 256:
-            return None   # the firmware's half of a merged L4
-        return xen.judge_entry(judge_root_as, index, raw)
-    hit = xen.table_at(entry_pa)
-    if hit is None:
-        return None
-    name, _level, offset = hit
-    return xen.judge_entry(name, offset // 8, raw)
-
-
 def verdict_words(xen: xenimage.LoadedXen, v: xenimage.EntryVerdict) -> str:
     """'holds l3_xenmap's link-time address: unrelocated', ..."""
     link_addr = v.link & x86.phys_addr_mask(x86.MAXPHYADDR_ARCH)
@@ -666,10 +648,12 @@ def explain_walk(ctx: PagingContext, mem: PhysMemory, root: int, va: int,
     except paging.NonCanonicalAddress as err:
         return WalkReport(va, [], False, None, str(err))
     lines: List[WalkLine] = []
+    # The paging commands' judge (walknames): a merged root's upper half is judged as
+    # ``judge_root_as``'s copy, any other entry by the Xen table it lies in.
+    sit = Situation({}, ctx, root, "fault", mem, judge_root_as)
     for step in w.steps:
         e = step.entry
-        verdict = judge_entry_at(xen, step.entry_pa, e.raw, root, judge_root_as) \
-            if e.present else None
+        verdict = judge_step(xen, step, sit)
         table_name = None
         if xen is not None:
             hit = xen.table_at(step.table_pa)
@@ -805,6 +789,9 @@ class FaultReport:
     provenance: Optional[Provenance]
     instruction: Optional[InstructionHint]
     caller: Optional[AddressName] = None   # a fetch fault's return address at RSP, named
+    # The static finding of the position-independence check that predicted this fault
+    # (piccheck's prediction as a dict with "text"), when the GDB layer found one.
+    predicted_by: Optional[Dict[str, object]] = None
 
     @property
     def error_text(self) -> Optional[str]:
@@ -844,6 +831,8 @@ class FaultReport:
             lines.append(f"  why     {self.walk.reason}")
         if self.provenance is not None:
             lines.append(f"  origin  {self.provenance.message}")
+        if self.predicted_by is not None:
+            lines.append(f"  static  {self.predicted_by.get('text')}")
         return lines
 
     def as_dict(self) -> Dict[str, object]:
@@ -858,7 +847,7 @@ class FaultReport:
                 "provenance": self.provenance.as_dict() if self.provenance else None,
                 "instruction": self.instruction.as_dict() if self.instruction else None,
                 "caller": self.caller.as_dict() if self.caller else None,
-                "summary": self.summary()}
+                "predicted_by": self.predicted_by, "summary": self.summary()}
 
 
 def root_name(root: int, xen: Optional[xenimage.LoadedXen], given: Optional[str] = None) -> str:
@@ -899,10 +888,7 @@ def explain_fault(vector: int, error_code: Optional[int], frame: Optional[Except
     root = ctx.root_from_cr3(cr3) if long_paging else None
 
     def pa_of(va: int) -> Optional[int]:
-        try:
-            return translate(ctx, mem, root, va)
-        except VirtualReadError:
-            return None
+        return paging.translate(ctx, mem, cr3, va)
 
     rip_name = name_address(rip, xen, mem, pa_of(rip), search_firmware, firmware_search_bytes)
     cr2_name = None
@@ -988,3 +974,163 @@ def explain_triple_fault(chain, cr2: Optional[int] = None,
         gate = (cr2 - idtr[0]) // x86.IDT_GATE_SIZE_LONG
     return TripleFaultReport(chain.vectors, first.rip if first else None,
                              first.error_code if first else None, cr2, gate)
+
+
+# --- what to catch at this stop ---------------------------------------------------------
+
+CATCH_FIRMWARE = "firmware"   # the IDT in force is not Xen's: breakpoints on its handlers
+CATCH_XEN = "xen"             # Xen's own IDT is loaded: breakpoints on Xen's fatal paths
+CATCH_NONE = "none"           # no 64-bit IDT (real mode, 32-bit code, paging off)
+
+# Where every fatal path of a running Xen ends: fatal_trap() prints the state and the
+# page walk, then calls panic(), which prints its message and the "****" frame, then
+# machine_halt() ('noreboot') or machine_restart(). A stop at their entry has Xen's
+# console lines about the crash written already; the return address names the caller.
+XEN_FATAL_SYMBOLS = ("machine_halt", "machine_restart")
+
+
+def catch_kind(idt_base: int, long_mode: bool, syms=None) -> str:
+    """Which fault catching applies with IDTR.base = ``idt_base``: Xen's fatal paths once
+    Xen's own IDT (idt_table, in Xen's image at its linked VA) is loaded, the handlers of
+    the IDT in force in long mode before that (the firmware's), nothing otherwise."""
+    if syms is not None and syms.in_image(idt_base):
+        return CATCH_XEN
+    return CATCH_FIRMWARE if long_mode else CATCH_NONE
+
+
+def xen_fatal_sites(syms) -> List[Tuple[str, int]]:
+    """(symbol, linked VA) of each of XEN_FATAL_SYMBOLS this build has."""
+    return [(name, syms.linked_va(name)) for name in XEN_FATAL_SYMBOLS if name in syms]
+
+
+def instruction_hint(insn, regs: Mapping[str, int]) -> Optional[InstructionHint]:
+    """The decoded faulting instruction (an ``x86decode.Instruction``) with the effective
+    address of each memory operand computed from the registers at the fault (a
+    register the stop did not give leaves that operand out). None without an insn."""
+    if insn is None:
+        return None
+    operands = []
+    for op in insn.memory_operands():
+        if op.rip_relative or (op.base is None and op.index is None):
+            if op.target is not None:
+                operands.append((_operand_text(op), op.target & x86.mask(64)))
+            continue
+        address = op.disp
+        known = True
+        for name, scale in ((op.base, 1), (op.index, op.scale)):
+            if name is None:
+                continue
+            value = _register_value(regs, name)
+            if value is None:
+                known = False
+                break
+            address += value * scale
+        if known:
+            operands.append((_operand_text(op), address & x86.mask(64)))
+    return InstructionHint(f"{insn.address:#x}: {insn.text}", tuple(operands))
+
+
+def _register_value(regs: Mapping[str, int], name: str) -> Optional[int]:
+    """A 64-bit register's value, or a 32-bit one's (eax, r12d) as its low half."""
+    name = name.lower()
+    if name in regs:
+        return regs[name]
+    if name.startswith("e") and "r" + name[1:] in regs:
+        return regs["r" + name[1:]] & 0xFFFFFFFF
+    if name.startswith("r") and name.endswith("d") and name[:-1] in regs:
+        return regs[name[:-1]] & 0xFFFFFFFF
+    return None
+
+
+def _operand_text(op) -> str:
+    """AT&T text of a memory operand: ``0x10(%rax,%rbx,8)``, ``0x1234(%rip)``."""
+    inner = ",".join(p for p in (f"%{op.base}" if op.base else "",
+                                 f"%{op.index}" if op.index else "",
+                                 str(op.scale) if op.index else "") if p)
+    if op.rip_relative:
+        inner = "%rip"
+    disp = f"{op.disp:#x}" if op.disp else ""
+    seg = f"%{op.segment}:" if op.segment else ""
+    return f"{seg}{disp}({inner})" if inner else f"{seg}{op.target or op.disp:#x}"
+
+
+# --- Xen's own fatal path ----------------------------------------------------------------
+
+XEN_CONSOLE_PREFIX = "(XEN)"
+XEN_PANIC_HEAD = "Panic on CPU"
+XEN_CONSOLE_TAIL_LINES = 12
+
+
+def xen_console_report(text: str, tail: int = XEN_CONSOLE_TAIL_LINES
+                       ) -> Tuple[List[str], List[str]]:
+    """(the message of Xen's last panic, Xen's last console lines) from the serial log:
+    the message is what panic() printed between "Panic on CPU N:" and its closing
+    "****" line; the tail is the last ``tail`` lines Xen wrote ("(XEN) " prefix
+    dropped). Either is empty when the log has none."""
+    lines = [ln.rstrip("\r") for ln in text.splitlines()]
+    # "(XEN) text", or "(XEN)" alone for an empty line
+    xen = [ln[len(XEN_CONSOLE_PREFIX) + 1:] for ln in lines
+           if ln.startswith(XEN_CONSOLE_PREFIX)]
+    message: List[str] = []
+    heads = [i for i, ln in enumerate(xen) if ln.startswith(XEN_PANIC_HEAD)]
+    if heads:
+        for ln in xen[heads[-1] + 1:]:
+            if ln.startswith("****"):
+                break
+            message.append(ln)
+    return message, xen[-tail:] if tail else []
+
+
+@dataclass
+class XenFatalReport:
+    """A stop at one of Xen's fatal paths (XEN_FATAL_SYMBOLS), with Xen's own words."""
+    symbol: str                       # "machine_halt"
+    rip: int
+    caller: Optional[AddressName]     # the return address at RSP: panic+0x...
+    message: List[str]                # panic's message from the console
+    console: List[str]                # Xen's last console lines
+    console_source: Optional[str]     # the serial log read, or None (none known)
+
+    def summary(self) -> str:
+        via = f" from {self.caller.symbol or self.caller.text}" if self.caller else ""
+        what = f"Xen's fatal path: {self.symbol}{via}"
+        if self.message:
+            what += ": " + " / ".join(m.strip() for m in self.message if m.strip())[:200]
+        return what
+
+    def text(self) -> List[str]:
+        lines = [f"Xen's fatal path: {self.symbol} at {self.rip:#x}"]
+        if self.caller is not None:
+            lines.append(f"  caller  {self.caller.address:#x}  {self.caller.text}")
+        if self.message:
+            lines.append("  panic   " + self.message[0])
+            lines.extend("          " + m for m in self.message[1:])
+        if self.console:
+            lines.append(f"  console (last {len(self.console)} lines of {self.console_source}):")
+            lines.extend("    " + c for c in self.console)
+        elif self.console_source is None:
+            lines.append("  console unknown here: Xen printed why on its serial console "
+                         "(give gdbext the serial log to show it)")
+        return lines
+
+    def as_dict(self) -> Dict[str, object]:
+        return {"symbol": self.symbol, "rip": self.rip,
+                "caller": self.caller.as_dict() if self.caller else None,
+                "message": list(self.message), "console": list(self.console),
+                "console_source": self.console_source, "summary": self.summary()}
+
+
+def explain_xen_fatal(symbol: str, rip: int, return_address: Optional[int],
+                      xen: Optional[xenimage.LoadedXen], serial_text: Optional[str] = None,
+                      serial_source: Optional[str] = None) -> XenFatalReport:
+    caller = None
+    if return_address is not None:
+        caller = name_address(return_address, xen, search_firmware=False)
+    message, console = ([], []) if serial_text is None else xen_console_report(serial_text)
+    return XenFatalReport(symbol, rip, caller, message, console,
+                          serial_source if serial_text is not None else None)
+
+
+def crash_summary(report) -> str:
+    """The one line of GuestCrashed: 'the guest crashed: #PF at ... CR2 ...'."""
+    return f"the guest crashed: {report.summary()}"

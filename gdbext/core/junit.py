@@ -32,6 +32,8 @@ EXIT_NOT_RUN = 2    # the run itself could not be done
 
 SUITES_NAME = "xen-boot-check"
 REACHED_CASE = "reached"
+CRASH_SUITE = "crash"
+CRASH_CASE = "the guest ran without crashing"
 CHECKS_CASE = "checks could be made"
 RUN_SUITE = "run"
 
@@ -101,8 +103,8 @@ def exit_status(result: Optional[Dict[str, object]], run_error: Optional[str] = 
     """
     if result is None:
         return EXIT_NOT_RUN
-    if failed_checks(result):
-        return EXIT_FAILED
+    if failed_checks(result) or result.get("crash"):
+        return EXIT_FAILED     # a check failed, or the guest crashed: both are verdicts
     if run_error or result.get("error"):
         return EXIT_NOT_RUN
     if not all_checks(result):
@@ -215,6 +217,23 @@ def junit_xml(result: Optional[Dict[str, object]], planned_stops: Sequence[str] 
             suite.set(key, str(value))
             totals[key] += value
 
+    crash = result.get("crash")
+    if crash:
+        # The guest crashed during the session: a failure of the build, with gdbext's
+        # explanation (where, between which stops, the exception and its cause).
+        suite = ET.SubElement(root, "testsuite", name=CRASH_SUITE, tests="1", failures="1",
+                              errors="0", skipped="0")
+        case = ET.SubElement(suite, "testcase", classname=f"{suites_name}.{CRASH_SUITE}",
+                             name=CRASH_CASE)
+        summary = str(crash.get("summary") or "the guest crashed")
+        failure = ET.SubElement(case, "failure", message=summary, type="CRASH")
+        where = (f"after {crash['after']}" if crash.get("after") else "before the first stop") \
+            + (f", waiting for {crash['waiting_for']}" if crash.get("waiting_for") else "")
+        failure.text = "\n".join([summary, where] + [str(t) for t in crash.get("text") or []])
+        totals["tests"] += 1
+        totals["failures"] += 1
+        if error == crash.get("summary"):
+            error = run_error      # the crash is the session's error: not a broken run
     if error:
         # The run itself broke: one suite CI shows as an error, with the reason.
         suite = ET.SubElement(root, "testsuite", name=RUN_SUITE, tests="1", failures="0",

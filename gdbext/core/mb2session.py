@@ -54,6 +54,7 @@ class SessionBook:
     stop_by_address: Dict[int, BootStop] = field(default_factory=dict)
     records: List[dict] = field(default_factory=list)
     error: Optional[str] = None
+    crash: Optional[dict] = None          # the guest crashed: where, and the explanation
 
     def __post_init__(self) -> None:
         o = self.options
@@ -167,6 +168,17 @@ class SessionBook:
     def last_reached(self) -> bool:
         return bool(self.records) and self.records[-1]["stop"] == self.selected[-1].name
 
+    def record_crash(self, crash: dict, rip: Optional[int]) -> dict:
+        """The guest crashed (``crash``: GuestCrashed.as_dict()) after the stops reached:
+        the session ends there; the crash says between which stops it happened, and
+        where the guest is stopped now (``stopped_at``: the handler, or the fatal path)."""
+        rec = dict(crash, stopped_at=rip,
+                   after=self.records[-1]["stop"] if self.records else None,
+                   waiting_for=self.next_name() if self.more_to_come() else None)
+        self.crash = rec
+        self.error = crash.get("summary") or "the guest crashed"
+        return rec
+
     def result(self) -> dict:
         all_checks = [c for r in self.records for c in r["checks"]]
         reached = [r["stop"] for r in self.records]
@@ -182,7 +194,7 @@ class SessionBook:
                 "complete": reached == [s.name for s in self.selected],
                 "reached": reached, "stops": self.records, "counts": tally,
                 "ok": tally[merge_catalog.FAIL] == 0 and error is None, "error": error,
-                "notes": notes}
+                "crash": self.crash, "notes": notes}
 
 
 def counts(checks: Sequence[dict]) -> Dict[str, int]:

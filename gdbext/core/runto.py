@@ -161,6 +161,8 @@ def where_from_here(syms, symbol: str, rip: Optional[int], load_base: Optional[i
 STOP_PLANTED = "planted"    # one of the planted breakpoints fired, at RIP
 STOP_TIMEOUT = "timeout"    # the wait's own interrupt stopped the guest
 STOP_FOREIGN = "foreign"    # anything else: the user's breakpoint or Ctrl-C, a signal
+STOP_FAULT = "fault"        # a fault-catching breakpoint fired (an exception handler, or
+                            # one of Xen's fatal paths): the guest crashed
 
 
 @dataclass(frozen=True)
@@ -172,10 +174,16 @@ class StopFacts:
     signal: Optional[str] = None          # the stop's signal ("SIGINT"), if it was one
     timer_fired: bool = False             # the wait's own timer sent its interrupt
     had_event: bool = True                # GDB reported a stop event at all
+    fault_fired: Tuple[int, ...] = ()     # addresses of fault-catching breakpoints it names
 
 
 def classify_stop(facts: StopFacts) -> str:
-    """Which of STOP_PLANTED, STOP_TIMEOUT, STOP_FOREIGN the stop is."""
+    """Which of STOP_FAULT, STOP_PLANTED, STOP_TIMEOUT, STOP_FOREIGN the stop is.
+
+    A fault-catching breakpoint that fired at RIP wins over everything: the guest is
+    in an exception handler (or Xen's fatal path) whatever else was awaited."""
+    if facts.rip in facts.fault_fired:
+        return STOP_FAULT
     if facts.rip in facts.planted_fired:
         return STOP_PLANTED
     if facts.timer_fired and facts.signal == "SIGINT" and not facts.other_fired:

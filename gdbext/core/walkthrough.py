@@ -131,6 +131,32 @@ LESSONS: Dict[str, Lesson] = {lesson.stop: lesson for lesson in (
 )}
 
 
+# The last stop, on request (xen-walkthrough --crash): the RFC's own crash, made live on a
+# build without the patch by xen-l4merge-apply --call-linked (the raw merge) and caught
+# at the firmware's #PF handler (gdb_layer/fault_catch.py).
+CRASH_STOP = "the RFC's crash"
+CRASH_LESSON = Lesson(
+    CRASH_STOP, "The RFC's crash, live",
+    "The RFC's review begins with 'Tested, it crashes.' Here is that crash. The machine "
+    "boots again to the entry, and xen-l4merge-apply --call-linked does what the patch "
+    "does: it writes the merged L4 M as a raw copy (the upper half taken from "
+    "idle_pg_table as it is in memory, link-time values), switches CR3 to M, runs to the "
+    "call of efi_multiboot2 and makes it at the linked address, as 'call *%rax' would. "
+    "Then the guest runs: the very first instruction fetch at the linked address walks "
+    "through M, and gdbext catches what the CPU does next.",
+    WALK_TARGET_CR3, "")
+CRASH_AFTER = (
+    "The CPU could not fetch efi_multiboot2's first instruction: a #PF with error code "
+    "0x10 (an instruction fetch from a page that is not present), CR2 = the linked "
+    "address itself. The walk shows why: M's slot for Xen's linked addresses was copied "
+    "from idle_pg_table before trampoline_setup had relocated it, so it still points at "
+    "the link-time address of l3_xenmap, in the firmware's memory, where no table of Xen "
+    "is. The firmware's own handler would print its dump on the serial console and spin; "
+    "gdbext stopped at its first instruction instead. The fix the review asked for is to "
+    "add B to those pointers first (xen-l4merge-apply --relocate --call-linked reaches "
+    "efi_multiboot2's bytes). Everything the command wrote is put back now (--undo).")
+
+
 def lesson(stop: str) -> Lesson:
     return LESSONS[stop]
 

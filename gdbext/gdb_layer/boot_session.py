@@ -25,11 +25,12 @@ import gdb
 from ..core import bootstops, render, x86
 from ..core.bootstops import LOW, BootStop, TablesSnapshot, diff_snapshots
 from ..core.memory import qwords
-from ..core.errors import GdbextError, MemoryReadError
+from ..core.errors import GdbextError, GuestCrashed, MemoryReadError
 from ..core.mb2session import VERIFY_BYTES, SessionBook, SessionOptions, failed
 from ..core.merge_here import CheckRequest
 from ..core.xenimage import LoadedXen
 from .command import one_line
+from .fault_catch import report_lines
 from .merge_live import check_here, remember_firmware
 from .run_to import run_to
 
@@ -76,6 +77,14 @@ class BootSession:
         for addr, _stop in new:
             self.breakpoints[addr] = self.ctx.quiet_breakpoint(addr)
         return pending
+
+    def crashed(self, err: GuestCrashed) -> dict:
+        """The guest crashed during the session: record it after the stops reached, and
+        end the session (its breakpoints removed)."""
+        rip = self.ctx.register("rip")
+        record = self.book.record_crash(dict(err.as_dict(), text=report_lines(err)), rip)
+        self.finish()
+        return record
 
     def finish(self) -> None:
         self.done = True
@@ -231,6 +240,11 @@ class BootSession:
                     self.print_record(record)
                 if failed(record) and not opts.keep_going:
                     stopped_on_fail = True
+        except GuestCrashed as err:
+            self.crashed(err)
+            if not opts.json:
+                gdb.write(f"{self.who}: {err.summary}\n")
+                gdb.write("".join(ln + "\n" for ln in report_lines(err)))
         except GdbextError as err:
             book.error = str(err)
         except gdb.error as err:
@@ -269,6 +283,8 @@ class BootSession:
             if self.book.last_reached():
                 self.finish()
                 gdb.write("xen-mb2-break: last stop reached; its breakpoints are removed\n")
+            # CR3 or the IDT may have changed since the last stop: catch faults anew.
+            self.ctx.faults.arm_quietly(self.who)
         except (GdbextError, gdb.error) as err:
             gdb.write(f"xen-mb2-break: {err}\n")
 

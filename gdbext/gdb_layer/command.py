@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 import gdb
 
-from ..core.errors import GdbextError
+from ..core.errors import GdbextError, GuestCrashed
 from ..core.paging import MODES
 from ..core.render import fit_width, highlight, to_json
 
@@ -232,6 +232,8 @@ class XenCommand(gdb.Command):
             self.run(args, from_tty)
         except _HelpShown:
             return
+        except GuestCrashed as err:
+            self._crashed(err, wants_json)
         except GdbextError as err:
             self._fail(str(err), wants_json)
         except KeyboardInterrupt:
@@ -240,6 +242,18 @@ class XenCommand(gdb.Command):
             self._fail(str(err), wants_json)
         except gdb.error as err:
             self._fail(f"{self.parser.prog}: {one_line(err)}", wants_json)
+
+    def _crashed(self, err: GuestCrashed, wants_json: bool) -> None:
+        """The guest died while the command drove it: the explanation (as text, or the
+        JSON object with the crash), then the one-line summary as the error."""
+        if wants_json:
+            if not self._wrote_json:
+                gdb.write(to_json({"error": err.summary, "command": self.parser.prog,
+                                   "crash": err.as_dict()}) + "\n")
+        elif err.report is not None:
+            lines = err.report.text()
+            gdb.write((lines if isinstance(lines, str) else "\n".join(lines)) + "\n")
+        raise gdb.GdbError(err.summary) from None
 
     def _fail(self, message: str, wants_json: bool) -> None:
         """The one-line error; under --json, first a JSON error object for the tool

@@ -20,16 +20,14 @@ breakpoints and ``continue_until()``.  The decisions themselves are the core's.
 from __future__ import annotations
 
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import gdb
 
-from ..core import (bootstops, locate, merge_catalog, merge_here, paging, piccheck, runto,
-                   suggest, x86, xenimage)
+from ..core import (bootstops, hang, locate, merge_catalog, merge_here, paging, piccheck,
+                   runto, suggest, x86, xenimage)
 from ..core.errors import GdbextError
 from ..core.paging import MODES, PagingContext
 from ..core.walknames import Situation
@@ -37,7 +35,10 @@ from ..core.xenimage import BuildIdCheck, LoadedXen
 from ..core.xensyms import load_xen_syms
 from .addresses import parse_address
 from .backend import GdbTarget
+from . import hang_watch
 from .command import one_line
+from .fault_catch import FaultCatcher
+from .interrupt_timer import Timeout as _Timeout
 
 CONTROL_REGISTERS = ("cr0", "cr3", "cr4", "efer")
 # GDB's remote timeout while gdbext is loaded (see raise_remote_timeout).
@@ -64,6 +65,11 @@ class Settings:
     maxphyaddr: int = x86.MAXPHYADDR_ARCH
     phys_read: str = "auto"            # auto | packet | monitor-xp
     ignore_build_id: bool = False
+    hang_wait: int = hang.DEFAULT_HANG_WAIT_S   # set xen-hang-wait (0: off)
+    serial_log: str = ""               # set xen-serial-log: COM1's file (hang reports)
+    qemu_int_log: str = ""             # set xen-qemu-int-log: QEMU's -d int log (triple faults)
+    qmp_socket: str = ""               # set xen-qmp-socket: QEMU's QMP socket (resets)
+    catch_faults: bool = True          # set xen-catch-faults (fault_catch.py)
 
 
 @dataclass(frozen=True)
@@ -72,42 +78,6 @@ class RootChoice:
     'merge-relocated'; and the paging mode to read it in (None: the CPU's)."""
     root: str = "cr3"
     mode: Optional[str] = None
-
-
-class _Timeout:
-    """Interrupt GDB's blocking 'continue' after a while, as Ctrl-C would.
-
-    The SIGINT is sent only while the guest still runs: once GDB has reported a
-    stop (``stopped()``, called from the stop event) a late timer does nothing, so a
-    stop that came just in time is never turned into a timeout, and no stray SIGINT
-    reaches GDB while it is stopped (it would abort the next command)."""
-
-    def __init__(self, seconds: float):
-        self.fired = False
-        self._stopped = False
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._fire)
-        self._timer.daemon = True
-
-    def _fire(self) -> None:
-        with self._lock:
-            if self._stopped:
-                return
-            self.fired = True
-            os.kill(os.getpid(), signal.SIGINT)
-
-    def stopped(self) -> None:
-        with self._lock:
-            self._stopped = True
-
-    def __enter__(self):
-        if self._timer.interval > 0:
-            self._timer.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stopped()
-        self._timer.cancel()
 
 
 def raise_remote_timeout() -> None:
@@ -132,16 +102,23 @@ def raise_remote_timeout() -> None:
 
 
 def _stop_facts(event, rip: int, planted: Dict[int, "gdb.Breakpoint"],
-                timer_fired: bool) -> runto.StopFacts:
-    """GDB's stop event as plain facts for the core's classify_stop."""
+                timer_fired: bool, catching: Optional[Dict[int, "gdb.Breakpoint"]] = None
+                ) -> runto.StopFacts:
+    """GDB's stop event as plain facts for the core's classify_stop (``catching``: the
+    fault-catching breakpoints, by number)."""
     if event is None:
         return runto.StopFacts(rip, timer_fired=timer_fired, had_event=False)
+    catching = catching or {}
     fired = [bp for bp in getattr(event, "breakpoints", None) or [] if bp.is_valid()]
-    planted_at = tuple(loc.address & _U64 for bp in fired if bp.number in planted
-                       for loc in bp.locations)
-    others = tuple(bp.number for bp in fired if bp.number not in planted)
-    return runto.StopFacts(rip, planted_at, others, getattr(event, "stop_signal", None),
-                           timer_fired)
+
+    def at(numbers) -> tuple:
+        return tuple(loc.address & _U64 for bp in fired if bp.number in numbers
+                     for loc in bp.locations)
+
+    others = tuple(bp.number for bp in fired
+                   if bp.number not in planted and bp.number not in catching)
+    return runto.StopFacts(rip, at(planted), others, getattr(event, "stop_signal", None),
+                           timer_fired, fault_fired=at(catching))
 
 
 def _user_breakpoint_locations() -> Dict[int, set]:
@@ -175,6 +152,7 @@ class Context:
         self.settings = Settings()
         self.merge = merge_here.MergeRecord()
         self.boot_session = None    # a boot_session.BootSession while xen-mb2-break runs
+        self.faults = FaultCatcher(self)   # the exception-catching breakpoints, last crash
         self._events_connected = False
 
     # -- GDB's events -----------------------------------------------------------------
@@ -209,6 +187,7 @@ class Context:
         except (gdb.error, RuntimeError):
             return
         self.forget_merge_if_new_boot(pc)
+        self.faults.on_stop(event)
         if self.boot_session is not None:
             self.boot_session.on_stop(event)
 
@@ -574,7 +553,7 @@ class Context:
                 pass  # already gone (the user deleted it)
 
     def continue_until(self, timeout_at: float, what: str,
-                       breakpoints: Iterable["gdb.Breakpoint"]) -> int:
+                       breakpoints: Iterable["gdb.Breakpoint"], hang_check: bool = True) -> int:
         """Resume the guest until one of ``breakpoints`` fires; return RIP.
 
         The stop is recognised by GDB's stop event (which breakpoint fired, at its
@@ -582,34 +561,61 @@ class Context:
         bytes that arrived while the guest ran, the user's Ctrl-C or breakpoint) is
         one GdbextError line naming what was awaited, even when RIP equals a planted
         address. The timeout is the timer's SIGINT, and counts only if that SIGINT is
-        what stopped the guest."""
+        what stopped the guest. Before resuming, the fault-catching breakpoints are
+        armed for this stop (``self.faults``); a stop at one of them raises GuestCrashed
+        with the explanation.
+
+        A stop not come within 'set xen-hang-wait' seconds is looked into (hang_watch:
+        GuestCrashed("hang") only for a CPU halted or in one loop; a CPU that moves on
+        runs on). QEMU pausing the machine at a triple fault or reset (a SIGQUIT stop)
+        is GuestCrashed("triple-fault"/"shutdown")."""
+        started = time.monotonic()
         remaining = timeout_at - time.monotonic()
         msg = (f"timed out waiting for Xen to reach {what} (is Xen booting? see the "
                "serial log)")
         if remaining <= 0:
-            raise GdbextError(msg)
+            raise hang_watch.WaitTimedOut(msg)
         planted = {bp.number: bp for bp in breakpoints if bp.is_valid()}
+        hang_wait = self.settings.hang_wait if hang_check else 0
+        wait = min(remaining, hang_wait) if hang_wait > 0 else remaining
+        catcher = self.faults
+        try:
+            catcher.arm()
+        except (GdbextError, gdb.error) as err:
+            # Never a reason not to run: the run goes on uncaught, 'xen-fault' says why.
+            catcher.note = f"exceptions not caught: {one_line(err)}"
+        catching = catcher.breakpoint_map()
         events: list = []
-        with _Timeout(remaining) as tm:
+        with _Timeout(wait) as tm:
             def on_stop(event) -> None:
                 tm.stopped()
                 events.append(event)
             gdb.events.stop.connect(on_stop)
+            catcher.driving = True
             try:
                 gdb.execute("continue", to_string=True)
             finally:
+                catcher.driving = False
                 gdb.events.stop.disconnect(on_stop)
         try:
             rip = self.target.read_register("rip")
         except GdbextError:
             raise GdbextError(f"the guest stopped without registers while waiting for {what} "
                               "(did QEMU exit? see its log)") from None
-        facts = _stop_facts(events[-1] if events else None, rip, planted, tm.fired)
+        facts = _stop_facts(events[-1] if events else None, rip, planted, tm.fired, catching)
         kind = runto.classify_stop(facts)
+        if kind == runto.STOP_FAULT:
+            raise catcher.crash_at(rip)
         if kind == runto.STOP_PLANTED:
             return rip
         if kind == runto.STOP_TIMEOUT:
-            raise GdbextError(msg)
+            if wait < remaining:     # the hang wait ended, not the whole timeout
+                return hang_watch.after_wait(self, started, timeout_at, what, breakpoints)
+            raise hang_watch.WaitTimedOut(msg)
+        if facts.signal == hang.SHUTDOWN_SIGNAL:
+            crash = hang_watch.shutdown_crash(self, what)
+            if crash is not None:
+                raise crash
         raise GdbextError(runto.foreign_stop_text(facts, what))
 
     @staticmethod

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from . import functions, settings
 from .command import XenPrefix
-from .commands import diagram, mb2_break, merge, paging, pic_check, walkthrough, xen
+from .commands import diagram, fault, mb2_break, merge, paging, pic_check, walkthrough, xen
 from .context import CONTEXT, raise_remote_timeout
 
-COMMAND_MODULES = (paging, xen, merge, mb2_break, diagram, walkthrough, pic_check)
+COMMAND_MODULES = (paging, xen, merge, mb2_break, diagram, walkthrough, pic_check, fault)
 
 _INSTALLED = False
 

@@ -15,6 +15,7 @@ import gdb
 
 from ..core import runto
 from ..core.errors import GdbextError
+from . import hang_watch
 
 
 def _reset(ctx, who: str, why: str, announce: bool) -> None:
@@ -22,8 +23,7 @@ def _reset(ctx, who: str, why: str, announce: bool) -> None:
     if announce:
         gdb.write(f"{who}: {why}; resetting the machine (monitor system_reset) to stop "
                   "there on the next boot\n")
-    ctx.target.monitor("system_reset")
-    ctx.target.invalidate()
+    hang_watch.reset_machine(ctx)
 
 
 def run_to(ctx, symbol: str, timeout: float, load_base: Optional[int] = None,
@@ -39,6 +39,13 @@ def run_to(ctx, symbol: str, timeout: float, load_base: Optional[int] = None,
     timeout_at = started + timeout
     false_hits = 0
     resets = 0
+    if hang_watch.paused_at_shutdown(ctx):
+        why = "QEMU holds the machine paused at a shutdown (a triple fault or reset)"
+        if not allow_reset:
+            raise GdbextError(f"{why}: 'continue' cannot run it; reset the machine, or run "
+                              "without --no-reset")
+        _reset(ctx, who, why, announce)
+        resets += 1
     rip = ctx.register("rip")
     if runto.where_from_here(syms, symbol, rip, load_base) == runto.BEHIND:
         why = f"Xen is past {symbol} in this boot (RIP {rip:#x})"
@@ -94,4 +101,6 @@ def run_to(ctx, symbol: str, timeout: float, load_base: Optional[int] = None,
         base = p.base_by_address[rip]
         ctx.set_load_base(base, f"RIP at {symbol}")
         result.update(at="load address", load_base=base)
+    # The user's own 'continue' from here is caught too (IDT and CR3 of this stop).
+    ctx.faults.arm_quietly(who)
     return result

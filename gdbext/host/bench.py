@@ -12,13 +12,19 @@ the size the goal is set for): (a) ``xen-locate --scan`` as a user runs it (top-
 stops at the image); (b) the full scan of every candidate base (what a miss costs),
 and its cost per candidate; and checks that the scan's B equals the one from RIP
 (goal: the full scan under 2 s on a 4 GiB guest).
+
+``scripts/bench-catch``: what the fault-catching breakpoints cost on a healthy boot
+(``xen-mb2-break --batch`` from the entry to __start_xen, catching on and off, in
+alternating boots; goal: under 3 % slower).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 
 from .gdbdriver import lab_session
 from .lab import LabConfig
@@ -86,7 +92,70 @@ def main_locate(argv=None) -> int:
     return 0
 
 
-MAINS = {"pt": main_pt, "locate": main_locate}
+def catch_run(memory_mb: int, catching: bool) -> dict:
+    """One boot from QEMU's first instruction: xen-run-to __efi64_mb2_start (catching
+    plants nothing before the entry: no 64-bit IDT yet), then ``xen-mb2-break --batch``
+    to its last stop (__start_xen) with fault catching on or off; both timed from the
+    host."""
+    with lab_session(LabConfig(memory_mb=memory_mb)) as (_lab, gdb):
+        if not catching:
+            gdb.execute("set xen-catch-faults off")
+        started = time.monotonic()
+        gdb.execute(f"xen-run-to __efi64_mb2_start --timeout {ENTRY_TIMEOUT_S}",
+                    timeout=ENTRY_TIMEOUT_S + 60)
+        to_entry = time.monotonic() - started
+        note = gdb.execute("xen-fault --json").json().get("note")
+        session_start = time.monotonic()
+        result = gdb.execute(f"xen-mb2-break --batch --json --timeout {ENTRY_TIMEOUT_S}",
+                             timeout=ENTRY_TIMEOUT_S * 4, check=False).json()
+        session = time.monotonic() - session_start
+    if result.get("crash") or not result.get("complete"):
+        raise SystemExit(f"bench-catch: the session did not complete (catching {catching}): "
+                         f"{result.get('error')}; reached {result.get('reached')}")
+    return {"session_s": session, "boot_s": to_entry + session,
+            "reached": result["reached"][-1], "at_entry": note}
+
+
+def _row(name: str, on: list, off: list) -> str:
+    ratios = [a / b for a, b in zip(on, off)]
+    med = statistics.median(ratios)
+    return (f"  {name:<32} on {statistics.median(on):6.3f} s, off {statistics.median(off):6.3f} s"
+            f" (medians); on/off {med:.3f} median of pairs ({(med - 1) * 100:+.1f} %), "
+            f"added {statistics.median([a - b for a, b in zip(on, off)]) * 1000:+.0f} ms")
+
+
+def main_catch(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="scripts/bench-catch",
+        description="What the fault-catching breakpoints cost on a healthy boot, in "
+        "alternating boots (pairs), catching on and off: the boot to __start_xen (QEMU's "
+        "first instruction to the session's last stop) and the part of it where the "
+        "breakpoints are planted (xen-mb2-break --batch from __efi64_mb2_start); goal: "
+        "the boot under 3 %% slower.")
+    p.add_argument("-m", "--memory", type=int, default=1024, metavar="MB")
+    p.add_argument("--pairs", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    runs = {True: [], False: []}
+    for _ in range(args.pairs):
+        for catching in (True, False):
+            runs[catching].append(catch_run(args.memory, catching))
+    r = {"pairs": args.pairs, "planted_at_entry": runs[True][-1]["at_entry"],
+         "last_stop": runs[True][-1]["reached"]}
+    for key in ("boot_s", "session_s"):
+        r[key] = {"on": [x[key] for x in runs[True]], "off": [x[key] for x in runs[False]]}
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"at the entry: {r['planted_at_entry']}")
+    print(f"{args.pairs} pairs of boots, catching on / off:")
+    print(_row(f"boot to {r['last_stop']}:", r["boot_s"]["on"], r["boot_s"]["off"]))
+    print(_row("entry to it (breakpoints in):", r["session_s"]["on"], r["session_s"]["off"]))
+    print("  goal: the boot under +3 %")
+    return 0
+
+
+MAINS = {"pt": main_pt, "locate": main_locate, "catch": main_catch}
 
 
 def main(argv=None) -> int:

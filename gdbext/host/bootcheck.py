@@ -122,6 +122,9 @@ def make_parser() -> argparse.ArgumentParser:
     target.add_argument("--timeout", type=_positive, default=DEFAULT_TIMEOUT_S, metavar="S",
                         help=f"the longest any one wait may take: connecting, each stop "
                              f"(default {DEFAULT_TIMEOUT_S:g})")
+    target.add_argument("--hang-wait", type=int, metavar="S",
+                        help="seconds without a stop before gdbext looks for a hang (set "
+                             "xen-hang-wait; 0: off; default gdbext's)")
     sel = p.add_argument_group("what to check (passed to xen-mb2-break)")
     sel.add_argument("--only", action="append", type=_names, default=[], metavar="IDS",
                      help="only these checks, e.g. I4,I6 (repeatable)")
@@ -165,6 +168,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                                                     efi=args.efi)
     except ValueError as e:
         p.error(str(e))
+    if args.hang_wait is not None and args.hang_wait < 0:
+        p.error(f"--hang-wait {args.hang_wait}: give seconds >= 0 (0: no hang detection)")
     if args.xen_syms is None:
         p.error("--xen needs the matching --xen-syms (Debian's would not match your image)")
     if args.xen is None and args.connect is None:
@@ -325,6 +330,11 @@ class BootCheck:
             self.gdb = GdbSession(log=log)
             for setting in GDB_CONNECT_SETTINGS:
                 self.gdb.execute(setting)
+            if self.lab is not None:
+                for setting in self.lab.gdb_settings():
+                    self.gdb.execute(setting)
+            if args.hang_wait is not None:
+                self.gdb.execute(f"set xen-hang-wait {args.hang_wait}")
             self.gdb.execute(f"set tcp connect-timeout {max(1, int(args.timeout))}")
             # --timeout bounds the whole attach: TCP connect (above) and the stub's first
             # replies (a stub that accepts and stays silent would otherwise keep GDB
@@ -402,6 +412,9 @@ def summary_lines(report: dict) -> List[str]:
         lines.append(f"  {stop.get('stop')}: {shown or 'no checks'}")
     for check in junit.failed_checks(result):
         lines.append(f"  FAIL {check.get('id')} at {check.get('stop')}: {check.get('summary')}")
+    crash = result.get("crash")
+    if crash:
+        lines.extend("  " + str(t) for t in crash.get("text") or [crash.get("summary")])
     return lines
 
 
@@ -411,6 +424,10 @@ def verdict_line(report: dict, status: int) -> str:
     tally = ", ".join(f"{n} {s}" for s, n in counts.items())
     if status == junit.EXIT_OK:
         return f"ok: every check passed ({tally}); reached {len(result.get('reached') or [])} stops"
+    if status == junit.EXIT_FAILED and result.get("crash"):
+        crash = result["crash"]
+        where = f" (after {crash['after']})" if crash.get("after") else ""
+        return f"FAILED: {crash.get('summary') or 'the guest crashed'}{where}"
     if status == junit.EXIT_FAILED:
         failed = junit.failed_checks(result)
         names = ", ".join(f"{c.get('id')}@{c.get('stop')}" for c in failed)

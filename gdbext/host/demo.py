@@ -1,5 +1,7 @@
 """scripts/demo: the main job. Boot Debian's Xen 4.17 under OVMF + GRUB, stop at
-__efi64_mb2_start with GDB and gdbext, print what the extension shows, stop cleanly.
+__efi64_mb2_start with GDB and gdbext, print what the extension shows, then make the
+RFC's crash live (the raw merge, the call at the linked VA, the #PF caught and
+explained, --undo), stop cleanly.
 
 ``--interactive`` leaves you at the GDB prompt in that state instead; QEMU is
 stopped when you quit GDB.
@@ -46,6 +48,24 @@ def report_commands(xen_syms: Path):
         ("The variant the review asked for: B added to Xen's pointers first",
          f"xen-va2pa {CALL_TARGET} --root merge-relocated"),
         ("... and its checks", "xen-l4merge-check --assume-relocated"),
+    ]
+
+
+# The RFC's crash, live, after the report: the raw merge written, the call made at the
+# linked VA as the patch's 'call *%rax' makes it, the guest let run into the #PF that
+# gdbext catches at the firmware's handler, then every write undone.
+CRASH_WAIT_S = 120
+
+
+def crash_commands():
+    """(title, command) pairs: the RFC's crash made, caught, explained and undone."""
+    return [
+        (f"The RFC's crash, live: the raw merge written, CR3 switched to it, and the call "
+         f"of {CALL_TARGET} made at its linked VA (as the patch's 'call *%rax')",
+         "xen-l4merge-apply --call-linked"),
+        ("The guest runs: the fetch at the linked VA faults; gdbext stops at the firmware's "
+         "#PF handler and explains the fault", "continue"),
+        ("Everything xen-l4merge-apply wrote, put back", "xen-l4merge-apply --undo"),
     ]
 
 
@@ -105,8 +125,8 @@ def run(args) -> int:
             reached = gdb.execute(f"xen-run-to {ENTRY} --timeout {args.timeout:.0f}",
                                   timeout=args.timeout + 30)
             print(f"demo: {reached.out.strip().splitlines()[-1]}\n")
-            for title, command in report_commands(args.xen_syms):
-                reply = gdb.execute(command, check=False)
+            for title, command in report_commands(args.xen_syms) + crash_commands():
+                reply = gdb.execute(command, check=False, timeout=CRASH_WAIT_S)
                 print(f"== {title}\n(gdb) {command}")
                 # A failing check prints its report, then its one-line error.
                 if reply.out.strip():

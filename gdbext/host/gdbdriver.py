@@ -165,6 +165,8 @@ def lab_session(config=None, xen_syms=None) -> Iterator[Tuple[Lab, GdbSession]]:
         lab.start()
         gdb = GdbSession(log=lab.workdir / "gdb.log")
         gdb.execute(f"target remote {lab.gdb_target}")
+        for setting in lab.gdb_settings():
+            gdb.execute(setting)
         gdb.execute(f"xen-syms {xen_syms or lab.config.xen_syms}")
         yield lab, gdb
     finally:

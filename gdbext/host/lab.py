@@ -81,6 +81,14 @@ QEMU_MACHINE = "q35"
 # "noreboot" (in DEFAULT_XEN_CMDLINE) keeps a panicking Xen from rebooting; pass
 # --qemu-arg=-no-reboot to the lab to make a triple fault end QEMU instead.
 QEMU_FIXED_FLAGS = ("-nographic", "-net", "none", "-monitor", "none", "-S")
+# A triple fault made visible (LabConfig.catch_resets): QEMU pauses the machine instead
+# of resetting it, so the CPU state at the fault stays for GDB (its gdbstub reports the
+# stop as SIGQUIT), and logs every exception and reset with the CPU state (TCG only):
+# the exception chain of a triple fault, which nothing else records. A guest's reset
+# is a pause too, and so would be gdbext's own 'monitor system_reset': gdbext switches
+# the reboot action to 'reset' around it through the QMP socket (gdb_layer/hang_watch).
+QEMU_CRASH_ACTION = ("-action", "reboot=shutdown,shutdown=pause")
+QEMU_INT_LOG_ITEMS = "int,cpu_reset"
 
 # GRUB: one standalone EFI image with grub.cfg inside.
 GRUB_FORMAT = "x86_64-efi"
@@ -113,6 +121,8 @@ QEMU_LOG_NAME = "qemu.log"
 VARS_COPY_NAME = "OVMF_VARS.fd"
 GRUB_CFG_NAME = "grub.cfg"
 LAB_INFO_NAME = "lab.json"
+INT_LOG_NAME = "qemu-int.log"     # QEMU's -d int,cpu_reset log
+QMP_SOCKET_NAME = "qmp.sock"
 
 # Repository files the lab points users at.
 
@@ -174,6 +184,9 @@ class LabConfig:
     # True: xen_image is xen.efi, booted by OVMF itself as EFI/BOOT/BOOTX64.EFI (no GRUB),
     # its options and a placeholder dom0 in the config file beside it.
     efi: bool = False
+    # Pause at a triple fault or reset instead of resetting, log exceptions (-d int) and
+    # give gdbext a QMP socket (QEMU_CRASH_ACTION); False: QEMU resets as a PC does.
+    catch_resets: bool = True
 
     def __post_init__(self) -> None:
         self.xen_image = Path(self.xen_image)
@@ -298,8 +311,19 @@ def qemu_command(
     vars_path: Path,
     serial_log: Path,
     ovmf_code: Path = paths.OVMF_CODE,
+    int_log: Optional[Path] = None,
+    qmp_socket: Optional[Path] = None,
 ) -> List[str]:
-    """The qemu-system-x86_64 argv of the boot in the reference, with ``config`` applied."""
+    """The qemu-system-x86_64 argv of the boot in the reference, with ``config`` applied
+    (and, with ``config.catch_resets``, the pause at a reset, the -d int log at
+    ``int_log`` and the QMP socket at ``qmp_socket``)."""
+    crash = []
+    if config.catch_resets:
+        # By default next to the serial log: the run's workdir.
+        int_log = int_log if int_log is not None else serial_log.parent / INT_LOG_NAME
+        qmp_socket = qmp_socket if qmp_socket is not None else serial_log.parent / QMP_SOCKET_NAME
+        crash = [*QEMU_CRASH_ACTION, "-d", QEMU_INT_LOG_ITEMS, "-D", str(int_log),
+                 "-qmp", f"unix:{_drive_path(qmp_socket)},server=on,wait=off"]
     return [
         QEMU_BINARY,
         "-machine", QEMU_MACHINE,
@@ -312,6 +336,7 @@ def qemu_command(
         "-drive", f"file=fat:rw:{_drive_path(esp_dir)},format=raw,if=virtio",
         "-serial", f"file:{serial_log}",
         "-gdb", f"tcp:{LOOPBACK}:{port}",
+        *crash,
         *config.extra_qemu_args,
     ]
 
@@ -635,6 +660,27 @@ class Lab:
         return self._in_workdir(QEMU_LOG_NAME)
 
     @property
+    def int_log(self) -> Optional[Path]:
+        """QEMU's -d int,cpu_reset log (None without catch_resets)."""
+        return self._in_workdir(INT_LOG_NAME) if self.config.catch_resets else None
+
+    @property
+    def qmp_socket(self) -> Optional[Path]:
+        return self._in_workdir(QMP_SOCKET_NAME) if self.config.catch_resets else None
+
+    def gdb_settings(self) -> List[str]:
+        """The gdbext settings that tell GDB this lab's files: the serial console (hang
+        reports), and with catch_resets the -d int log (triple faults) and the QMP
+        socket (gdbext's own reset). None before the lab has its workdir."""
+        if self.workdir is None:
+            return []
+        out = [f"set xen-serial-log {self.serial_log}"]
+        if self.config.catch_resets:
+            out += [f"set xen-qemu-int-log {self.int_log}",
+                    f"set xen-qmp-socket {self.qmp_socket}"]
+        return out
+
+    @property
     def esp_dir(self) -> Path:
         return self._in_workdir(ESP_DIRNAME)
 
@@ -668,6 +714,7 @@ class Lab:
                 "-nx",
                 "-ex", shlex.quote(f"source {paths.GDBINIT}"),
                 "-ex", shlex.quote(self.attach_command),
+                *[w for s in self.gdb_settings() for w in ("-ex", shlex.quote(s))],
             ]
         )
 
@@ -750,9 +797,14 @@ class Lab:
             esp_dir=self.esp_dir,
             vars_path=self._vars_copy,
             serial_log=self.serial_log,
+            int_log=self.int_log,
+            qmp_socket=self.qmp_socket,
         )
         shutil.copyfile(paths.OVMF_VARS, self._vars_copy)  # fresh firmware variables per QEMU
         self.serial_log.unlink(missing_ok=True)
+        for stale in (self.int_log, self.qmp_socket):
+            if stale is not None:
+                stale.unlink(missing_ok=True)
         with open(self.qemu_log, "wb") as log:
             try:
                 self._proc = subprocess.Popen(
@@ -812,6 +864,8 @@ class Lab:
             "workdir": str(self.workdir),
             "serial_log": str(self.serial_log),
             "qemu_log": str(self.qemu_log),
+            "int_log": str(self.int_log) if self.int_log else None,
+            "qmp_socket": str(self.qmp_socket) if self.qmp_socket else None,
             "esp_dir": str(self.esp_dir),
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.items()},
             "qemu_argv": self.qemu_argv,
@@ -944,6 +998,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="gdbstub port on 127.0.0.1 (default: a free one)")
     p.add_argument("--qemu-arg", metavar="ARG", action="append", default=[],
                    help="extra QEMU argument, repeatable; write --qemu-arg=-d for dashed values")
+    p.add_argument("--no-catch-resets", action="store_true",
+                   help="let a triple fault reset the machine as on a PC (default: QEMU "
+                   "pauses it, logs exceptions with -d int, and opens a QMP socket)")
     p.add_argument("--workdir", metavar="DIR", type=Path,
                    help=f"run directory (default: a new one under {paths.LAB_DIR})")
     return p
@@ -969,6 +1026,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         gdb_port=args.port,
         workdir=args.workdir,
         efi=args.efi,
+        catch_resets=not args.no_catch_resets,
     )
     lab = Lab(config)
 
@@ -988,6 +1046,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"  workdir     {lab.workdir}", file=out)
         print(f"  serial log  {lab.serial_log}   (tail -f it to watch the boot)", file=out)
         print(f"  qemu log    {lab.qemu_log}", file=out)
+        if lab.int_log is not None:
+            print(f"  -d int log  {lab.int_log}   (a triple fault pauses QEMU)", file=out)
         print(f"  xen image   {lab.xen_image}", file=out)
         print(f"  xen syms    {lab.xen_syms if lab.xen_syms is not None else '(none)'}", file=out)
         print(f"attach:  {lab.attach_command}", file=out)

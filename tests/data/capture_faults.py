@@ -91,7 +91,7 @@ def rfc(out: Path) -> None:
         save(out, "handler-registers.txt", text)
         hregs, hctx = regs_ctx(text)
         print("handler RIP", hex(hregs["rip"]), "vectors", by_va.get(hregs["rip"]), flush=True)
-        rsp_pa = faults.translate(hctx, mem, hctx.root_from_cr3(hregs["cr3"]), hregs["rsp"])
+        rsp_pa = paging.translate(hctx, mem, hregs["cr3"], hregs["rsp"])
         stack = gdb.execute(f"monitor xp /8gx {rsp_pa:#x}").out
         save(out, "handler-stack.txt", f"RSP={hregs['rsp']:#x} PA={rsp_pa:#x}\n{stack}")
         save(out, "handler-gdb-stack.txt", gdb.execute("x/8gx $rsp").out)
@@ -269,7 +269,7 @@ def printerr(out: Path) -> None:
         text = gdb.execute("monitor info registers").out
         save(out, "printerr-handler-registers.txt", text)
         hregs, hctx = regs_ctx(text)
-        rsp_pa = faults.translate(hctx, mem, hctx.root_from_cr3(hregs["cr3"]), hregs["rsp"])
+        rsp_pa = paging.translate(hctx, mem, hregs["cr3"], hregs["rsp"])
         stack = gdb.execute(f"monitor xp /8gx {rsp_pa:#x}").out
         save(out, "printerr-handler-stack.txt", f"RSP={hregs['rsp']:#x} PA={rsp_pa:#x}\n{stack}")
         frame = faults.read_exception_frame(14, hregs["rsp"], hregs["cr3"], hctx, mem)

@@ -462,3 +462,32 @@ def test_efi_esp_holds_xen_efi_its_cfg_and_the_placeholder(tmp_path, monkeypatch
     assert (esp / L.ESP_EFI_CFG).read_text() == L.xen_efi_cfg(lab.config.xen_cmdline)
     assert (esp / L.ESP_EFI_DOM0).is_file()
     assert not (esp / L.ESP_XEN_NAME).exists()        # no GRUB, no xen.gz
+
+
+def test_qemu_command_pauses_at_a_reset_and_logs_exceptions(tmp_path):
+    """catch_resets (the default): a triple fault pauses QEMU (its state kept for GDB),
+    the -d int log and the QMP socket are in the run's directory."""
+    argv = L.qemu_command(L.LabConfig(), port=1, esp_dir=tmp_path / "esp",
+                          vars_path=tmp_path / "v", serial_log=tmp_path / "serial.log")
+
+    def after(flag):
+        return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+    assert after("-action") == ["reboot=shutdown,shutdown=pause"]
+    assert after("-d") == ["int,cpu_reset"]
+    assert after("-D") == [str(tmp_path / L.INT_LOG_NAME)]
+    assert after("-qmp") == [f"unix:{tmp_path / L.QMP_SOCKET_NAME},server=on,wait=off"]
+    plain = L.qemu_command(L.LabConfig(catch_resets=False), port=1, esp_dir=tmp_path / "esp",
+                           vars_path=tmp_path / "v", serial_log=tmp_path / "serial.log")
+    assert not {"-action", "-d", "-D", "-qmp"} & set(plain)
+
+
+def test_lab_tells_gdb_its_files(tmp_path):
+    lab = L.Lab(L.LabConfig(workdir=tmp_path))
+    lab.workdir = tmp_path
+    assert lab.gdb_settings() == [f"set xen-serial-log {tmp_path / 'serial.log'}",
+                                  f"set xen-qemu-int-log {tmp_path / L.INT_LOG_NAME}",
+                                  f"set xen-qmp-socket {tmp_path / L.QMP_SOCKET_NAME}"]
+    lab = L.Lab(L.LabConfig(workdir=tmp_path, catch_resets=False))
+    lab.workdir = tmp_path
+    assert lab.gdb_settings() == [f"set xen-serial-log {tmp_path / 'serial.log'}"]

@@ -39,3 +39,13 @@ def test_no_event_is_named():
     facts = StopFacts(0x2000, had_event=False)
     assert classify_stop(facts) == runto.STOP_FOREIGN
     assert "no stop event" in foreign_stop_text(facts, "y")
+
+
+def test_a_fault_handler_breakpoint_firing_is_a_crash():
+    handler = 0x3F05983C
+    assert classify_stop(StopFacts(handler, fault_fired=(handler,))) == runto.STOP_FAULT
+    # Even when the timer fired a moment too late, and a planted one is named too.
+    assert classify_stop(StopFacts(handler, planted_fired=(handler,), fault_fired=(handler,),
+                                   signal="SIGINT", timer_fired=True)) == runto.STOP_FAULT
+    # A fault breakpoint named at another address than RIP is not the stop.
+    assert classify_stop(StopFacts(handler + 4, fault_fired=(handler,))) == runto.STOP_FOREIGN

@@ -12,8 +12,10 @@ stops (``--no-wait`` runs straight through). Nothing is written to the guest.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -22,7 +24,7 @@ import gdb
 from ...core import bootstops as bs
 from ...core import merge_catalog, paging, x86
 from ...core import walkthrough as wt
-from ...core.errors import GdbextError
+from ...core.errors import GdbextError, GuestCrashed
 from ...core.mb2session import SessionOptions
 from ...core.merge_here import CheckRequest
 from ...core.walknames import judge_step, verdict_text
@@ -31,7 +33,9 @@ from ..boot_session import BootSession
 from ..command import CommandParser, XenCommand, add_json_option
 from ..command import emit as write   # the walkthrough's own 'emit' is a local
 from ..drawing import write_diagram
+from ..fault_catch import report_lines
 from ..merge_live import check_here
+from ..run_to import run_to
 
 
 def _session_options(timeout: float) -> SessionOptions:
@@ -225,12 +229,21 @@ class WalkthroughCommand(XenCommand):
             description=self.summary + " For C programmers new to x86 paging. Runs the "
             "xen-mb2-break session (from reset or wherever the guest is, before "
             "__efi64_mb2_start) and stops at: " + ", ".join(bs.STOP_ORDER) + " (those this "
-            "build has). Nothing is written to the guest. Needs 'xen-syms' first.",
-            epilog="Examples: xen-walkthrough;  xen-walkthrough --no-wait --svg-dir /tmp/wt")
+            "build has). Nothing is written to the guest, except by --crash's last stop "
+            "(undone after it). Needs 'xen-syms' first.",
+            epilog="Examples: xen-walkthrough;  xen-walkthrough --no-wait --svg-dir /tmp/wt;  "
+                   "xen-walkthrough --only-crash")
         p.add_argument("--no-wait", action="store_true",
                        help="run straight through instead of waiting for Enter at each stop")
         p.add_argument("--svg-dir", type=Path, metavar="DIR",
                        help="write a diagram of the tables at each stop as DIR/NN-STOP.svg")
+        p.add_argument("--crash", action="store_true",
+                       help="end with the RFC's crash, live: boot again to the entry, apply "
+                            "the raw merge and call efi_multiboot2 at its linked VA "
+                            "(xen-l4merge-apply --call-linked), catch and explain the #PF, "
+                            "then undo it (this stop writes the guest)")
+        p.add_argument("--only-crash", action="store_true",
+                       help="that last stop alone, without the tour")
         p.add_argument("--timeout", type=float, default=120.0, metavar="S",
                        help="the longest each wait for the next stop may take (default 120)")
         add_json_option(p)
@@ -256,6 +269,21 @@ class WalkthroughCommand(XenCommand):
             except OSError as e:
                 raise GdbextError(f"xen-walkthrough: cannot create --svg-dir {args.svg_dir}: "
                                   f"{e.strerror or e}") from None
+        emit = (lambda text: None) if args.json else (lambda text: (write(text, from_tty),
+                                                                     gdb.flush()))
+        if args.only_crash:
+            out = {"stops": [], "complete": True, "error": None}
+            try:
+                out["crash_stop"] = self._crash_stop(args, emit, 1, 1)
+            except GdbextError as err:
+                out["error"] = str(err)
+                if not args.json:
+                    raise
+            if args.json:
+                self.write_json(out)
+                if out["error"]:
+                    raise GdbextError(f"xen-walkthrough: {out['error']}")
+            return
         running = self.ctx.boot_session
         if running is not None and not running.done:
             # Say it before anything runs: the tour starts from the entry on its own.
@@ -266,15 +294,14 @@ class WalkthroughCommand(XenCommand):
             running.finish()
         session = BootSession(self.ctx, syms, _session_options(args.timeout),
                               who="xen-walkthrough")
-        total = len(session.selected)
+        total = len(session.selected) + (1 if args.crash else 0)
         out: Dict[str, object] = {"load_base": None, "patched": session.plan.patched,
                                   "stops": [], "complete": False, "error": None,
                                   "notes": list(session.plan.notes)}
-        emit = (lambda text: None) if args.json else (lambda text: (write(text, from_tty),
-                                                                     gdb.flush()))
         if not args.json:
             emit(f"xen-walkthrough: {total} stops on this build: "
-                 + ", ".join(s.name for s in session.selected))
+                 + ", ".join(s.name for s in session.selected)
+                 + (f", then {wt.CRASH_STOP}" if args.crash else ""))
             for note in session.plan.notes:
                 emit(f"  note: {note}")
         try:
@@ -288,6 +315,12 @@ class WalkthroughCommand(XenCommand):
                 out["stops"].append(stop_out)
                 if record["stop"] == session.selected[-1].name:
                     out["complete"] = True
+                    if args.crash:
+                        session.finish()
+                        if not _wait(args.no_wait or args.json, from_tty):
+                            emit("xen-walkthrough: ended here; the guest stays stopped")
+                            break
+                        out["crash_stop"] = self._crash_stop(args, emit, number + 1, total)
                     break
                 if not _wait(args.no_wait or args.json, from_tty):
                     emit("xen-walkthrough: ended here; the guest stays stopped")
@@ -304,6 +337,9 @@ class WalkthroughCommand(XenCommand):
             self.write_json(out)
             if out["error"]:
                 raise GdbextError(f"xen-walkthrough: {out['error']}")
+        elif out["complete"] and "crash_stop" in out:
+            emit(f"xen-walkthrough: done, {len(out['stops']) + 1} stops; the guest is stopped "
+                 "where the call at the linked VA was made, everything written undone")
         elif out["complete"]:
             emit(f"xen-walkthrough: done, {len(out['stops'])} stops; Xen is stopped at "
                  f"{session.selected[-1].name}")
@@ -360,6 +396,69 @@ class WalkthroughCommand(XenCommand):
             item["svg"] = _write_svg(self.ctx, args.svg_dir, number, stop, xen, regs)
             if item["svg"]:
                 emit(f"diagram: {item['svg']}")
+        return item
+
+
+    def _merge_command(self, command: str, json_wanted: bool, emit):
+        """Run one xen-l4merge-apply (a GDB command: command modules do not import each
+        other); its text is shown as typed at the prompt, its JSON returned."""
+        try:
+            if json_wanted:
+                text = gdb.execute(f"{command} --json", to_string=True)
+                for line in reversed(text.splitlines()):
+                    if line.strip().startswith("{"):
+                        return json.loads(line)
+                return None
+            text = gdb.execute(command, to_string=True)
+        except gdb.error as err:
+            raise GdbextError(f"xen-walkthrough: {command} failed: {err}") from None
+        emit(f"(gdb) {command}")
+        emit(text.rstrip("\n"))
+        return None
+
+    def _crash_stop(self, args, emit, number: int, total: int) -> dict:
+        """Boot again to the entry, make the RFC's call with the raw merge, let the guest
+        run into its crash (caught by the fault catcher: GuestCrashed from
+        continue_until), explain it, undo what was written."""
+        ctx = self.ctx
+        lesson = wt.CRASH_LESSON
+        item: Dict[str, object] = {"stop": wt.CRASH_STOP, "title": lesson.title,
+                                   "lesson": lesson.text, "apply": None, "crash": None,
+                                   "undo": None}
+        emit("")
+        emit(f"== Stop {number}/{total}: {wt.CRASH_STOP} - {lesson.title}")
+        emit(wt.wrap(lesson.text))
+        emit("")
+        run_to(ctx, bs.ENTRY, args.timeout, who="xen-walkthrough", announce=not args.json)
+        xen = ctx.require_loaded()
+        item["load_base"] = xen.load_base
+        emit(wt.load_base_line(xen))
+        item["apply"] = self._merge_command("xen-l4merge-apply --call-linked", args.json, emit)
+        emit("(gdb) continue")
+        crash = None
+        try:
+            ctx.continue_until(time.monotonic() + args.timeout,
+                               f"{wt.CALL_TARGET} at its linked VA", [])
+        except GuestCrashed as err:
+            crash = err
+        except GdbextError as err:
+            item["error"] = str(err)
+            emit(f"no crash was caught: {err}")
+        if crash is not None:
+            item["crash"] = crash.as_dict()
+            emit(f"gdbext: {crash.summary}")
+            for line in report_lines(crash):
+                emit(line)
+            emit("")
+            emit(wt.wrap(wt.CRASH_AFTER))
+        emit("")
+        item["undo"] = self._merge_command("xen-l4merge-apply --undo", args.json, emit)
+        frame = getattr(getattr(crash, "report", None), "frame", None)
+        if frame is not None:
+            # Entering the handler through an interrupt gate cleared IF: RFLAGS as the
+            # CPU pushed it, the value at the call.
+            ctx.set_register("eflags", frame.rflags)
+            item["rflags_restored"] = frame.rflags
         return item
 
 
