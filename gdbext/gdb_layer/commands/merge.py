@@ -299,8 +299,6 @@ def call_linked(ctx) -> dict:
         del journal.changes[first:]
         raise
     journal.called_linked = True
-    # CR3 is M now: plan the handlers under it, so that 'continue' stops at the fault.
-    ctx.faults.arm_quietly("xen-l4merge-apply")
     return {"action": "call-linked", "ran_to_call": ran, "call": call_pa,
             "return_address": return_address, "target": linked, "target_pa": target_pa,
             "reachable": reachable, "fetch_pa": fetch.pa if fetch.mapped else None,
