@@ -228,7 +228,7 @@ def test_catching_off_leaves_the_crash_unseen(xen_syms_path):
         gdb.execute("xen-l4merge-apply --call-linked", timeout=180)
         # The crash happens (the firmware prints its dump) while gdbext waits for a
         # stop that never comes: a timeout, not a crash.
-        reply = gdb.execute("xen-run-to __high_start --no-reset --timeout 20", timeout=120,
+        reply = gdb.execute("xen-run-to __high_start --no-reset --timeout 5", timeout=120,
                             check=False)
         assert "timed out" in reply.error and "crashed" not in reply.error, reply
         lab.wait_for_serial(FW_DUMP_END, timeout=DUMP_WAIT_S)
